@@ -1,0 +1,96 @@
+"""Offline assets: a tiny LLaVA-NeXT model and a synthetic visual preference dataset.
+
+Both are generated deterministically from a fixed seed (no download) and cached under
+:func:`cache_root` on first use::
+
+    from vlm_orpo.assets import ensure_assets
+    paths = ensure_assets()
+    paths["tiny_model"], paths["train"], paths["validation"]
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import shutil
+from contextlib import contextmanager
+from pathlib import Path
+
+from .synthetic import build_synthetic_data, score_answer
+from .tiny_model import build_tiny_model
+
+__all__ = [
+    "ASSETS_VERSION",
+    "build_synthetic_data",
+    "build_tiny_model",
+    "cache_root",
+    "ensure_assets",
+    "score_answer",
+]
+
+# Bump when the generators change, so stale caches are rebuilt under a new folder.
+ASSETS_VERSION = "assets-v1"
+SEED = 0
+TINY_MODEL_DIRNAME = "tiny-llava-next"
+SYNTHETIC_DIRNAME = "synthetic"
+
+
+def cache_root() -> Path:
+    """``$VLM_ORPO_CACHE`` if set, else ``~/.cache/vlm-orpo``."""
+    env = os.environ.get("VLM_ORPO_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "vlm-orpo"
+
+
+@contextmanager
+def _file_lock(path: Path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as fh:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+
+def _paths(base: Path) -> dict[str, Path]:
+    syn = base / SYNTHETIC_DIRNAME
+    return {
+        "tiny_model": base / TINY_MODEL_DIRNAME,
+        "train": syn / "train.parquet",
+        "validation": syn / "validation.parquet",
+    }
+
+
+def _model_ready(model_dir: Path) -> bool:
+    # Directories are renamed into place only when complete; the marker is a cheap sanity check.
+    return (model_dir / "vlm_orpo_asset.json").is_file() and (model_dir / "model.safetensors").is_file()
+
+
+def _data_ready(paths: dict[str, Path]) -> bool:
+    return paths["train"].is_file() and paths["validation"].is_file()
+
+
+def ensure_assets(root: Path | None = None) -> dict[str, str]:
+    """Return ``{"tiny_model": DIR, "train": PATH, "validation": PATH}`` (absolute strings).
+
+    Builds whatever is missing under ``<root>/assets-v1/`` (``root`` defaults to
+    :func:`cache_root`). Concurrent callers are serialised by an ``flock`` on
+    ``<root>/assets-v1.lock``; builds are atomic, so readers never see partial files.
+    """
+    root = Path(root).expanduser() if root is not None else cache_root()
+    root = root.absolute()
+    base = root / ASSETS_VERSION
+    paths = _paths(base)
+
+    if not (_model_ready(paths["tiny_model"]) and _data_ready(paths)):
+        with _file_lock(root / f"{ASSETS_VERSION}.lock"):
+            # Builds only run under this lock, so temp dirs found now are from killed builds.
+            if base.is_dir():
+                for stale in [*base.glob(".*.tmp-*"), *base.glob(".*.old-*")]:
+                    shutil.rmtree(stale, ignore_errors=True)
+            # Re-check: another process may have finished the build while we waited.
+            if not _model_ready(paths["tiny_model"]):
+                build_tiny_model(paths["tiny_model"], seed=SEED)
+            if not _data_ready(paths):
+                build_synthetic_data(base / SYNTHETIC_DIRNAME, seed=SEED)
+    return {k: str(v) for k, v in paths.items()}

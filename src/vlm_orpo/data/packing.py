@@ -1,0 +1,260 @@
+"""Tokenise preference pairs and pack them into shared-prefix rows.
+
+A pair with prompt P (image tokens expanded), chosen C and rejected R becomes one row segment `P + C + R`:
+positions run 0..P+C-1 over P and C and restart at P for R, and the mask (built from `pair_index` and `span`
+in `modeling.shared_prefix`) hides C from R. Several pairs may share a row; the mask keeps them apart.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from vlm_orpo.data.sources import open_image
+
+PAD, PROMPT, CHOSEN, REJECTED = -1, 0, 1, 2
+# Log-prob segments per pair: index = 3 * pair + kind.
+SEG_CHOSEN, SEG_REJECTED, SEG_PROMPT = 0, 1, 2
+SEGMENTS_PER_PAIR = 3
+
+
+@dataclass
+class EncodedPair:
+    """One pair as fed to the model: token ids exactly as used, and the processor's image tensors."""
+
+    idx: Any
+    prompt_ids: list[int]
+    chosen_ids: list[int]
+    rejected_ids: list[int]
+    image_inputs: dict[str, torch.Tensor]  # e.g. pixel_values [1, patches, 3, h, w] and image_sizes [1, 2]
+
+    def __len__(self) -> int:
+        return len(self.prompt_ids) + len(self.chosen_ids) + len(self.rejected_ids)
+
+
+class PairEncoder:
+    """Formats a row with the processor's chat template and tokenises it; image placeholders are expanded."""
+
+    def __init__(self, processor, max_answer_tokens: int = 128, max_prompt_tokens: int | None = None):
+        self.processor = processor
+        self.tokenizer = processor.tokenizer
+        self.max_answer_tokens = max_answer_tokens
+        self.max_prompt_tokens = max_prompt_tokens
+        self.image_token_id = self.tokenizer.convert_tokens_to_ids(processor.image_token)
+        self.eos_token_id = self.tokenizer.eos_token_id
+
+    def messages(self, question) -> list[dict]:
+        """The user turn: plain text gets one image in front; chat messages are used as given."""
+        if isinstance(question, str):
+            text = question.replace(self.processor.image_token, "").strip()
+            return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
+        messages = [dict(m) for m in question]
+        has_image = any(
+            isinstance(m.get("content"), list) and any(c.get("type") == "image" for c in m["content"])
+            for m in messages
+        )
+        if not has_image:  # one image per pair: put it at the start of the first user turn
+            first_user = next(m for m in messages if m["role"] == "user")
+            content = first_user["content"]
+            content = [{"type": "text", "text": content}] if isinstance(content, str) else list(content)
+            first_user["content"] = [{"type": "image"}, *content]
+        return messages
+
+    def prompt_text(self, question) -> str:
+        return self.processor.apply_chat_template(self.messages(question), add_generation_prompt=True, tokenize=False)
+
+    def answer_ids(self, question, answer: str) -> list[int]:
+        """The assistant turn's tokens as the chat template writes them, capped, then EOS."""
+        prompt = self.prompt_text(question)
+        turn = {"role": "assistant", "content": [{"type": "text", "text": answer}]}
+        full = self.processor.apply_chat_template(self.messages(question) + [turn], tokenize=False)
+        completion = full[len(prompt):] if full.startswith(prompt) else answer
+        eos = self.tokenizer.eos_token
+        completion = completion.rstrip()
+        if eos and completion.endswith(eos):
+            completion = completion[: -len(eos)]
+        ids = self.tokenizer(completion, add_special_tokens=False)["input_ids"][: self.max_answer_tokens]
+        return [*ids, self.eos_token_id]
+
+    def _tokenize_prompt_text(self, prompt: str, **kwargs) -> dict:
+        bos = self.tokenizer.bos_token
+        add_special = not (bos and prompt.startswith(bos))  # never a second BOS
+        return dict(add_special_tokens=add_special, **kwargs)
+
+    def prompt_length(self, question, image_size: tuple[int, int]) -> int:
+        """Prompt tokens with image tokens expanded, from the image size alone (no pixel work)."""
+        prompt = self.prompt_text(question)
+        text_ids = self.tokenizer(prompt, **self._tokenize_prompt_text(prompt))["input_ids"]
+        height, width = image_size
+        n_image = self.processor._get_num_multimodal_tokens(image_sizes=[[height, width]])["num_image_tokens"][0]
+        return len(text_ids) - 1 + n_image
+
+    def encode(self, row: dict) -> EncodedPair:
+        prompt = self.prompt_text(row["question"])
+        image = open_image(row["image"])
+        inputs = self.processor(
+            images=[image], text=[prompt], return_tensors="pt", **self._tokenize_prompt_text(prompt)
+        )
+        prompt_ids = inputs.pop("input_ids")[0].tolist()
+        inputs.pop("attention_mask", None)
+        return EncodedPair(
+            idx=row["idx"],
+            prompt_ids=prompt_ids,
+            chosen_ids=self.answer_ids(row["question"], row["chosen"]),
+            rejected_ids=self.answer_ids(row["question"], row["rejected"]),
+            image_inputs=dict(inputs),
+        )
+
+
+class PairDataset(torch.utils.data.Dataset):
+    """Encodes lazily, so pixel tensors of a large dataset never sit in memory together."""
+
+    def __init__(self, rows, encoder: PairEncoder):
+        self.rows = rows
+        self.encoder = encoder
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> EncodedPair:
+        return self.encoder.encode(self.rows[i])
+
+
+def collate_image_inputs(per_pair: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Concatenate each image tensor along dim 0, zero-padding the other dims to the largest.
+
+    LLaVA-NeXT pads its patch dimension (the model slices it back by image_sizes); LLaVA-1.5 and Qwen2-VL
+    tensors already agree and are simply concatenated.
+    """
+    out = {}
+    for key in per_pair[0]:
+        tensors = [p[key] for p in per_pair]
+        shape = [max(t.shape[d] for t in tensors) for d in range(tensors[0].dim())]
+        padded = []
+        for t in tensors:
+            pad = []
+            for d in reversed(range(1, t.dim())):
+                pad += [0, shape[d] - t.shape[d]]
+            padded.append(F.pad(t, pad) if any(pad) else t)
+        out[key] = torch.cat(padded, dim=0)
+    return out
+
+
+def pack_rows(lengths: list[int], max_tokens_per_row: int | None) -> list[list[int]]:
+    """Greedy in-order packing; a pair longer than the cap gets a row of its own (never cut)."""
+    if max_tokens_per_row is None:
+        return [[i] for i in range(len(lengths))]
+    rows: list[list[int]] = []
+    used = 0
+    for i, n in enumerate(lengths):
+        if rows and used + n <= max_tokens_per_row:
+            rows[-1].append(i)
+            used += n
+        else:
+            rows.append([i])
+            used = n
+    return rows
+
+
+class PackedCollator:
+    """Builds the packed batch consumed by `modeling.shared_prefix.packed_logps`.
+
+    Keys: input_ids, position_ids, pair_index, span ([rows, T]); logits_to_keep (row positions whose hidden
+    state predicts an answer token); target_row/target_col/target_ids/target_segment ([targets]);
+    segment_tokens ([pairs, 3]); meta (per pair: idx and the token ids exactly as fed); and the image
+    tensors, one image per pair in row order.
+    """
+
+    def __init__(
+        self,
+        pad_token_id: int,
+        image_token_id: int,
+        max_tokens_per_row: int | None = None,
+        sft_on_prompt: bool = False,
+    ):
+        self.pad_token_id = pad_token_id
+        self.image_token_id = image_token_id
+        self.max_tokens_per_row = max_tokens_per_row
+        self.sft_on_prompt = sft_on_prompt
+
+    def __call__(self, pairs: list[EncodedPair]) -> dict[str, Any]:
+        rows = pack_rows([len(p) for p in pairs], self.max_tokens_per_row)
+        width = max(sum(len(pairs[i]) for i in row) for row in rows)
+        shape = (len(rows), width)
+        input_ids = torch.full(shape, self.pad_token_id, dtype=torch.long)
+        position_ids = torch.zeros(shape, dtype=torch.long)
+        pair_index = torch.full(shape, -1, dtype=torch.long)
+        span = torch.full(shape, PAD, dtype=torch.long)
+        # (row, predicting position, target token, segment) for every scored token
+        targets: list[tuple[int, int, int, int]] = []
+        for r, row in enumerate(rows):  # in-order packing keeps pairs, and so images, in row-major order
+            start = 0
+            for i in row:
+                self._place(pairs[i], r, start, i, input_ids, position_ids, pair_index, span, targets)
+                start += len(pairs[i])
+        t_row, t_pos, t_ids, t_seg = (torch.tensor(col, dtype=torch.long) for col in zip(*targets))
+        keep, t_col = torch.unique(t_pos, sorted=True, return_inverse=True)
+        segment_tokens = torch.bincount(t_seg, minlength=SEGMENTS_PER_PAIR * len(pairs))
+        return {
+            "input_ids": input_ids,
+            "position_ids": position_ids,
+            "pair_index": pair_index,
+            "span": span,
+            "logits_to_keep": keep,
+            "target_row": t_row,
+            "target_col": t_col,
+            "target_ids": t_ids,
+            "target_segment": t_seg,
+            "segment_tokens": segment_tokens.view(len(pairs), SEGMENTS_PER_PAIR),
+            "meta": [
+                {"idx": p.idx, "prompt_ids": p.prompt_ids, "chosen_ids": p.chosen_ids, "rejected_ids": p.rejected_ids}
+                for p in pairs
+            ],
+            **collate_image_inputs([p.image_inputs for p in pairs]),
+        }
+
+    def _place(self, pair, r, start, pair_no, input_ids, position_ids, pair_index, span, targets):
+        P, C, R = len(pair.prompt_ids), len(pair.chosen_ids), len(pair.rejected_ids)
+        end = start + P + C + R
+        input_ids[r, start:end] = torch.tensor(pair.prompt_ids + pair.chosen_ids + pair.rejected_ids)
+        position_ids[r, start : start + P + C] = torch.arange(P + C)
+        position_ids[r, start + P + C : end] = torch.arange(P, P + R)
+        pair_index[r, start:end] = pair_no
+        span[r, start : start + P] = PROMPT
+        span[r, start + P : start + P + C] = CHOSEN
+        span[r, start + P + C : end] = REJECTED
+        seg = SEGMENTS_PER_PAIR * pair_no
+        if self.sft_on_prompt:
+            for k in range(1, P):
+                if pair.prompt_ids[k] != self.image_token_id:
+                    targets.append((r, start + k - 1, pair.prompt_ids[k], seg + SEG_PROMPT))
+        for j, tok in enumerate(pair.chosen_ids):
+            targets.append((r, start + P + j - 1, tok, seg + SEG_CHOSEN))
+        for j, tok in enumerate(pair.rejected_ids):
+            # the first rejected token is predicted by the last prompt token, like the first chosen one
+            predictor = start + P - 1 if j == 0 else start + P + C + j - 1
+            targets.append((r, predictor, tok, seg + SEG_REJECTED))
+
+
+def load_pairs(data_cfg, encoder: PairEncoder, *, train: bool = True, limit: int | None = None):
+    """(train PairDataset | None, validation PairDataset | None, SkipReport) for a `config.DataConfig`."""
+    from vlm_orpo.data.sources import prepare_data
+
+    prepared = prepare_data(
+        data_cfg.source,
+        train_split=data_cfg.train_split,
+        want_train=train,
+        validation_split=data_cfg.validation_split,
+        validation_fraction=data_cfg.validation_fraction,
+        subset_fraction=data_cfg.subset_fraction,
+        limit=limit,
+        seed=data_cfg.seed,
+        columns=data_cfg.columns,
+        prompt_length=encoder.prompt_length,
+        max_prompt_tokens=data_cfg.max_prompt_tokens,
+    )
+    wrap = lambda rows: PairDataset(rows, encoder) if rows is not None and len(rows) else None  # noqa: E731
+    return wrap(prepared.train), wrap(prepared.validation), prepared.report

@@ -1,0 +1,322 @@
+"""Load preference rows from the hub, a local file or directory, or the bundled set; validate them; split them.
+
+Rows stay in the Arrow dataset they came from (memory-mapped, images undecoded); `CanonicalRows` presents them
+in one schema: idx, image, question (text or chat messages), chosen, rejected. Bad rows are skipped, counted by
+reason and reported row by row, never silently dropped.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import datasets
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+log = logging.getLogger(__name__)
+
+BUNDLED = "bundled"
+CANONICAL = ("image", "question", "chosen", "rejected")
+RLAIF_V_COLUMNS = {"image": "image", "question": "question", "chosen": "chosen", "rejected": "rejected"}
+TRL_COLUMNS = {"image": "images", "question": "prompt", "chosen": "chosen", "rejected": "rejected"}
+_FILE_FORMATS = {".parquet": "parquet", ".jsonl": "json", ".json": "json", ".csv": "csv", ".arrow": "arrow"}
+
+
+class DataError(ValueError):
+    """A problem with the data source as a whole (wrong path, missing column): one clear line, no traceback."""
+
+
+class BadRow(ValueError):
+    """A problem with one row; the row is skipped and counted under `reason`."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+        self.detail = detail
+
+
+def open_image(value, base_dir: Path | None = None) -> Image.Image:
+    """Decode an image given as PIL, bytes, a datasets `{"bytes", "path"}` dict or a file path; always RGB."""
+    try:
+        if isinstance(value, Image.Image):
+            image = value
+        elif isinstance(value, (bytes, bytearray)):
+            image = Image.open(io.BytesIO(value))
+        elif isinstance(value, dict) and value.get("bytes"):
+            image = Image.open(io.BytesIO(value["bytes"]))
+        elif isinstance(value, dict) and value.get("path"):
+            return open_image(value["path"], base_dir)
+        elif isinstance(value, (str, os.PathLike)):
+            path = Path(value)
+            if not path.is_absolute() and base_dir is not None:
+                path = base_dir / path
+            image = Image.open(path)
+        else:
+            raise BadRow("missing image", f"no image data in {type(value).__name__}")
+        image.load()
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        if isinstance(exc, BadRow):
+            raise
+        raise BadRow("undecodable image", str(exc).splitlines()[0][:200]) from None
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def _text(value) -> str:
+    """An answer as plain text: a string, or TRL's chat form (a list of messages with text content)."""
+    if value is None:
+        return ""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, dict):
+        value = [value]
+    parts = []
+    for message in value:
+        content = message.get("content", "") if isinstance(message, dict) else message
+        if isinstance(content, str):
+            parts.append(content)
+        else:
+            parts.extend(c.get("text", "") for c in content if isinstance(c, dict) and c.get("type") == "text")
+    return "".join(parts)
+
+
+def _question(value):
+    """Plain question text, or chat messages kept as given (the encoder formats both)."""
+    if isinstance(value, list) and value and isinstance(value[0], dict) and "role" in value[0]:
+        return value
+    return _text(value)
+
+
+@dataclass
+class SkipReport:
+    """Skipped rows by reason; every skip is logged once with its row number and idx."""
+
+    reasons: Counter = field(default_factory=Counter)
+    rows: list[tuple[str, int, Any, str]] = field(default_factory=list)  # (split, row, idx, message)
+    kept: Counter = field(default_factory=Counter)
+
+    def skip(self, split: str, row: int, idx: Any, error: BadRow) -> None:
+        self.reasons[error.reason] += 1
+        self.rows.append((split, row, idx, str(error)))
+        log.warning("skipped %s row %d (idx %s): %s", split, row, idx, error)
+
+    @property
+    def total_skipped(self) -> int:
+        return sum(self.reasons.values())
+
+    def summary(self) -> str:
+        kept = ", ".join(f"{split} {n}" for split, n in self.kept.items())
+        if not self.reasons:
+            return f"data: kept {kept}; no rows skipped"
+        by_reason = ", ".join(f"{reason}: {n}" for reason, n in self.reasons.most_common())
+        return f"data: kept {kept}; skipped {self.total_skipped} ({by_reason})"
+
+
+class CanonicalRows:
+    """A view of selected rows of a source dataset in the canonical schema, decoded on access."""
+
+    def __init__(self, dataset: datasets.Dataset, columns: dict[str, str], indices: list[int], base_dir=None):
+        self.dataset = dataset
+        self.columns = columns
+        self.indices = indices
+        self.base_dir = base_dir
+        self.has_idx = "idx" in dataset.column_names
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def raw(self, i: int) -> dict:
+        return self.dataset[self.indices[i]]
+
+    def __getitem__(self, i: int) -> dict:
+        return canonical_row(self.raw(i), self.columns, self.indices[i], self.has_idx)
+
+    def subset(self, positions: list[int]) -> "CanonicalRows":
+        return CanonicalRows(self.dataset, self.columns, [self.indices[p] for p in positions], self.base_dir)
+
+
+def canonical_row(raw: dict, columns: dict[str, str], row_number: int, has_idx: bool) -> dict:
+    image = raw[columns["image"]]
+    if isinstance(image, list):  # TRL's `images`: we train on exactly one image per pair
+        if len(image) != 1:
+            raise BadRow("missing image" if not image else "more than one image", f"{len(image)} images")
+        image = image[0]
+    return {
+        "idx": raw["idx"] if has_idx else row_number,
+        "image": image,
+        "question": _question(raw[columns["question"]]),
+        "chosen": _text(raw[columns["chosen"]]),
+        "rejected": _text(raw[columns["rejected"]]),
+    }
+
+
+def check_row(row: dict, base_dir: Path | None) -> tuple[int, int]:
+    """Raise BadRow for a row we cannot train on; return the image's (height, width)."""
+    for name in ("question", "chosen", "rejected"):
+        value = row[name]
+        if value is None:
+            raise BadRow(f"missing {name}")
+        if isinstance(value, str) and not value.strip():
+            raise BadRow(f"empty {name}")
+    if row["chosen"].strip() == row["rejected"].strip():
+        raise BadRow("chosen identical to rejected")
+    if row["image"] is None:
+        raise BadRow("missing image")
+    image = open_image(row["image"], base_dir)
+    return image.height, image.width
+
+
+def resolve_columns(column_names: list[str], mapping: dict[str, str] | None) -> dict[str, str]:
+    """Canonical name -> source column: an explicit mapping first, then RLAIF-V's schema, then TRL's."""
+    mapping = dict(mapping or {})
+    unknown = set(mapping) - set(CANONICAL)
+    if unknown:
+        raise DataError(f"columns mapping has unknown keys {sorted(unknown)}; valid keys: {list(CANONICAL)}")
+    for schema in (RLAIF_V_COLUMNS, TRL_COLUMNS):
+        if all(mapping.get(k, v) in column_names for k, v in schema.items()):
+            return {k: mapping.get(k, v) for k, v in schema.items()}
+    resolved = {k: mapping.get(k, RLAIF_V_COLUMNS[k]) for k in CANONICAL}
+    if "images" in column_names and "image" not in mapping:
+        resolved["image"] = "images"
+    if "prompt" in column_names and "question" not in mapping:
+        resolved["question"] = "prompt"
+    missing = [f"{k} (looked for column {v!r})" for k, v in resolved.items() if v not in column_names]
+    raise DataError(
+        f"missing column: {', '.join(missing)}; the data has columns {column_names}. "
+        "Map them with data.columns, e.g. data.columns.question=prompt"
+    )
+
+
+def _load_local(path: Path, split: str) -> datasets.DatasetDict | datasets.Dataset:
+    if path.is_dir():
+        if (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists():
+            return datasets.load_from_disk(str(path))
+        return datasets.load_dataset(str(path))
+    fmt = _FILE_FORMATS.get(path.suffix.lower())
+    if fmt is None:
+        raise DataError(f"cannot read {path}: unsupported file type (use {', '.join(_FILE_FORMATS)})")
+    return datasets.load_dataset(fmt, data_files={split: str(path)})
+
+
+def load_source(source: str, split: str = "train") -> tuple[datasets.Dataset, Path | None]:
+    """One split of a dataset, with the folder that relative image paths are read from."""
+    if source == BUNDLED:
+        from vlm_orpo.assets import ensure_assets
+
+        source = ensure_assets()[split if split in ("train", "validation") else "train"]
+    path = Path(source).expanduser()
+    looks_local = path.exists() or path.suffix.lower() in _FILE_FORMATS or source.startswith((".", "/", "~"))
+    try:
+        if looks_local:
+            if not path.exists():
+                raise DataError(f"data path not found: {path}")
+            loaded, base_dir = _load_local(path, split), (path if path.is_dir() else path.parent)
+        else:
+            loaded, base_dir = datasets.load_dataset(source), None
+    except DataError:
+        raise
+    except Exception as exc:  # datasets raises many types; the user needs the one line, not the stack
+        raise DataError(f"cannot load data {source!r}: {type(exc).__name__}: {str(exc).splitlines()[0]}") from None
+    if isinstance(loaded, datasets.DatasetDict):
+        if split not in loaded:
+            raise DataError(f"{source!r} has no split {split!r}; it has {list(loaded)}")
+        loaded = loaded[split]
+    return loaded, base_dir
+
+
+def select_rows(
+    dataset: datasets.Dataset,
+    columns: dict[str, str],
+    split_name: str,
+    report: SkipReport,
+    base_dir: Path | None = None,
+    positions: list[int] | None = None,
+    prompt_length: Callable[[Any, tuple[int, int]], int] | None = None,
+    max_prompt_tokens: int | None = None,
+) -> CanonicalRows:
+    """Validate rows (images are decoded once, then dropped) and keep the good ones."""
+    image_col = columns["image"]
+    undecoded = dataset
+    feature = dataset.features.get(image_col)
+    if isinstance(feature, datasets.Image):
+        undecoded = dataset.cast_column(image_col, datasets.Image(decode=False))
+    elif isinstance(feature, datasets.Sequence | datasets.List) and isinstance(feature.feature, datasets.Image):
+        undecoded = dataset.cast_column(image_col, type(feature)(datasets.Image(decode=False)))
+    has_idx = "idx" in dataset.column_names
+    kept = []
+    for row_number in positions if positions is not None else range(len(undecoded)):
+        raw = undecoded[row_number]
+        idx = raw["idx"] if has_idx else row_number
+        try:
+            row = canonical_row(raw, columns, row_number, has_idx)
+            size = check_row(row, base_dir)
+            if prompt_length is not None and max_prompt_tokens is not None:
+                n = prompt_length(row["question"], size)
+                if n > max_prompt_tokens:
+                    raise BadRow("prompt too long", f"{n} tokens > max_prompt_tokens {max_prompt_tokens}")
+        except BadRow as err:
+            report.skip(split_name, row_number, idx, err)
+            continue
+        kept.append(row_number)
+    report.kept[split_name] = len(kept)
+    return CanonicalRows(undecoded, columns, kept, base_dir)
+
+
+@dataclass
+class PreparedData:
+    train: CanonicalRows | None
+    validation: CanonicalRows | None
+    report: SkipReport
+
+
+def prepare_data(
+    source: str,
+    *,
+    train_split: str = "train",
+    want_train: bool = True,
+    validation_split: str | None = None,
+    validation_fraction: float = 0.0,
+    subset_fraction: float = 1.0,
+    limit: int | None = None,  # at most this many validation rows (evaluation)
+    seed: int = 42,
+    columns: dict[str, str] | None = None,
+    prompt_length: Callable | None = None,
+    max_prompt_tokens: int | None = None,
+) -> PreparedData:
+    """Load, subset, split and validate. A named validation split wins over validation_fraction.
+
+    With want_train=False (evaluation) the train split is still read when validation is a fraction of it,
+    but only the validation rows are validated.
+    """
+    report = SkipReport()
+
+    def pick(n: int, fraction: float) -> list[int]:
+        positions = np.arange(n)
+        if fraction < 1:
+            positions = np.random.default_rng(seed).permutation(n)[: max(1, round(n * fraction))]
+        return sorted(positions.tolist())
+
+    def validated(dataset, name, base_dir, positions):
+        cols = resolve_columns(dataset.column_names, columns)
+        return select_rows(dataset, cols, name, report, base_dir, positions, prompt_length, max_prompt_tokens)
+
+    train = validation = None
+    if want_train or (validation_split is None and validation_fraction > 0):
+        data, base_dir = load_source(source, train_split)
+        positions = pick(len(data), subset_fraction)
+        if validation_split is None and validation_fraction > 0:
+            n_val = max(1, round(len(positions) * validation_fraction))
+            shuffled = np.random.default_rng(seed + 1).permutation(positions).tolist()
+            val_positions, positions = sorted(shuffled[:n_val])[:limit], sorted(shuffled[n_val:])
+            validation = validated(data, "validation", base_dir, val_positions)
+        if want_train:
+            train = validated(data, train_split, base_dir, positions)
+    if validation_split:
+        data, base_dir = load_source(source, validation_split)
+        validation = validated(data, validation_split, base_dir, pick(len(data), 1.0)[:limit])
+    return PreparedData(train=train, validation=validation, report=report)

@@ -1,0 +1,200 @@
+"""`vlm-orpo evaluate`: base model and adapters in one table, per-pair output, plots and greedy generations.
+
+Adapters load one at a time onto the same base, so a 7B base is loaded once. Scoring is `scoring.score_batches`,
+the same packed forward and loss as training.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import html
+import io
+import json
+import logging
+from pathlib import Path
+
+import torch
+
+from vlm_orpo.config import ConfigError, load_config
+from vlm_orpo.data.packing import PackedCollator, PairEncoder, load_pairs
+from vlm_orpo.data.sources import open_image
+from vlm_orpo.modeling.load import load_base_model, load_processor, resolve_dtype
+from vlm_orpo.modeling.shared_prefix import set_attention_backend
+from vlm_orpo.reporting import COLUMNS, plot_comparison, results_table
+from vlm_orpo.scoring import PER_PAIR_FIELDS, score_batches
+
+log = logging.getLogger(__name__)
+DEFAULT_LAMBDA = 10.0  # the seed's table used lambda = 10
+
+
+def check_adapter(path: str) -> Path:
+    p = Path(path).expanduser()
+    if not p.is_dir():
+        raise ConfigError(f"adapter not found: {path}")
+    if not (p / "adapter_config.json").exists():
+        raise ConfigError(f"not a PEFT adapter directory (no adapter_config.json): {path}")
+    return p
+
+
+def model_variants(base, adapters: list[str]):
+    """Yield (name, model): the base first, then each adapter swapped in on the same base weights."""
+    yield "base", base
+    if not adapters:
+        return
+    from peft import PeftModel
+
+    model = None
+    for i, adapter in enumerate(adapters):
+        name = f"a{i}"
+        try:
+            if model is None:
+                model = PeftModel.from_pretrained(base, str(check_adapter(adapter)), adapter_name=name)
+            else:
+                model.load_adapter(str(check_adapter(adapter)), adapter_name=name)
+                model.set_adapter(name)
+                model.delete_adapter(f"a{i - 1}")
+        except ConfigError:
+            raise
+        except Exception as exc:  # shape mismatch, missing weights: one line for the user
+            raise ConfigError(f"cannot load adapter {adapter}: {type(exc).__name__}: {str(exc).splitlines()[0]}")
+        model.eval()
+        yield adapter, model
+
+
+class _Batches:
+    """A DataLoader over the pair dataset with the packed collator (workers decode images in parallel)."""
+
+    def __init__(self, dataset, collator, batch_size):
+        self.loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, collate_fn=collator, shuffle=False)
+
+    def __iter__(self):
+        from rich.progress import track
+
+        yield from track(self.loader, description="scoring", total=len(self.loader), transient=True)
+
+
+def run_evaluate(args) -> dict:
+    cfg = load_config(args.config, args.overrides)
+    if args.model:
+        cfg.model.name_or_path = args.model
+    if args.data:
+        cfg.data.source = args.data
+    if args.split:
+        cfg.data.validation_split = args.split
+    elif cfg.data.validation_split is None and cfg.data.validation_fraction == 0:
+        cfg.data.validation_split = "validation"
+    orpo_lambda = args.orpo_lambda if args.orpo_lambda is not None else cfg.training.get("orpo_lambda", DEFAULT_LAMBDA)
+    for adapter in args.adapters:
+        check_adapter(adapter)  # fail before the long part
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    processor = load_processor(cfg.model)
+    encoder = PairEncoder(processor, cfg.data.max_answer_tokens, cfg.data.max_prompt_tokens)
+    _, dataset, report = load_pairs(cfg.data, encoder, train=False, limit=args.limit or cfg.data.eval_limit)
+    print(report.summary())
+    if dataset is None:
+        raise ConfigError("no usable pairs to evaluate")
+    collator = PackedCollator(processor.tokenizer.pad_token_id, encoder.image_token_id, cfg.data.max_tokens_per_row)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    base = load_base_model(cfg.model, device).eval()
+    backend = set_attention_backend(base, cfg.model.attn_backend)
+
+    rows, generations = [], {}
+    per_pair = open(args.per_pair, "w") if args.per_pair else None
+    try:
+        for name, model in model_variants(base, args.adapters):
+            scores = score_batches(model, _Batches(dataset, collator, args.batch_size), backend, orpo_lambda)
+            rows.append((name, scores.summary(orpo_lambda)))
+            if per_pair:
+                write_per_pair(per_pair, name, scores)
+            if args.generate:
+                generations[name] = generate_answers(model, encoder, dataset, args.generate, device)
+            print(f"scored {name}: {len(scores)} pairs", flush=True)
+    finally:
+        if per_pair:
+            per_pair.close()
+
+    table = results_table(rows, orpo_lambda)
+    print(table)
+    (out / "results.md").write_text(table + "\n")
+    (out / "results.json").write_text(json.dumps({"orpo_lambda": orpo_lambda, "rows": dict(rows)}, indent=2))
+    with (out / "results.csv").open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["name", *(k for k, _ in COLUMNS)])
+        writer.writerows([name, *(m[k] for k, _ in COLUMNS)] for name, m in rows)
+    plot_comparison(rows, orpo_lambda, out / "results.png")
+    if generations:
+        rates = write_generations(out / "generations.html", dataset, generations)
+        if rates:
+            print("hallucination rate (synthetic task): " + ", ".join(f"{n}: {r:.1%}" for n, r in rates.items()))
+    return dict(rows)
+
+
+def write_per_pair(f, model_name: str, scores) -> None:
+    """One JSON object per pair: the contract in DESIGN.md ("Contracts")."""
+    values = {k: scores.values[k].tolist() for k in PER_PAIR_FIELDS}
+    for i, meta in enumerate(scores.meta):
+        record = {"model": model_name, **meta, **{k: values[k][i] for k in PER_PAIR_FIELDS}}
+        f.write(json.dumps(record) + "\n")
+
+
+@torch.no_grad()
+def generate_answers(model, encoder: PairEncoder, dataset, n: int, device) -> list[str]:
+    answers = []
+    for i in range(min(n, len(dataset))):
+        row = dataset.rows[i]
+        prompt = encoder.prompt_text(row["question"])
+        inputs = encoder.processor(images=[open_image(row["image"])], text=[prompt], return_tensors="pt").to(device)
+        dtype = next(model.parameters()).dtype
+        inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
+        output = model.generate(**inputs, max_new_tokens=encoder.max_answer_tokens, do_sample=False)
+        answers.append(encoder.tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))
+    return answers
+
+
+def _image_data_url(value) -> str:
+    buffer = io.BytesIO()
+    open_image(value).save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def write_generations(path: Path, dataset, generations: dict[str, list[str]]) -> dict[str, float]:
+    """Side-by-side HTML; on the synthetic set (task/target columns) also a task-level hallucination rate."""
+    from vlm_orpo.assets.synthetic import score_answer
+
+    names = list(generations)
+    n = len(generations[names[0]])
+    correct = {name: 0 for name in names}
+    scored = 0
+    cells = []
+    for i in range(n):
+        raw = dataset.rows.raw(i)
+        row = dataset.rows[i]
+        truth = (raw.get("task"), raw.get("target"))
+        answers = []
+        for name in names:
+            text = generations[name][i]
+            verdict = ""
+            if truth[0]:
+                ok = score_answer(truth[0], truth[1], text)
+                correct[name] += ok
+                verdict = " ✓" if ok else " ✗ hallucinated"
+            answers.append(f"<td><b>{html.escape(name)}</b>{verdict}<br>{html.escape(text)}</td>")
+        scored += bool(truth[0])
+        question = row["question"] if isinstance(row["question"], str) else json.dumps(row["question"])
+        cells.append(
+            f"<tr><td><img src='{_image_data_url(row['image'])}' width='160'></td>"
+            f"<td>{html.escape(question)}<br><small>chosen: {html.escape(row['chosen'])}<br>"
+            f"rejected: {html.escape(row['rejected'])}</small></td>{''.join(answers)}</tr>"
+        )
+    rates = {name: 1 - correct[name] / scored for name in names} if scored else {}
+    summary = "".join(f"<li>{html.escape(k)}: {v:.1%}</li>" for k, v in rates.items())
+    path.write_text(
+        "<!doctype html><html><head><meta charset='utf-8'><title>vlm-orpo generations</title>"
+        "<style>td{vertical-align:top;padding:6px;border-bottom:1px solid #ddd}</style></head><body>"
+        f"<h1>Greedy generations</h1>{'<p>Hallucination rate:</p><ul>' + summary + '</ul>' if rates else ''}"
+        f"<table>{''.join(cells)}</table></body></html>"
+    )
+    return rates

@@ -1,0 +1,118 @@
+"""Load a VLM and its processor, and attach the trainable part: LoRA, QLoRA or full fine-tuning."""
+
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
+
+from vlm_orpo.config import BUNDLED, ConfigError, LoraSettings, ModelConfig
+from vlm_orpo.modeling.families import ModelFamily, family_for
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    if name_or_path == BUNDLED:
+        from vlm_orpo.assets import ensure_assets
+
+        return ensure_assets()["tiny_model"]
+    path = Path(name_or_path).expanduser()
+    if name_or_path.startswith((".", "/", "~")) and not path.exists():
+        raise ConfigError(f"model path not found: {path}")
+    return str(path) if path.exists() else name_or_path
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    return _DTYPES[dtype]
+
+
+def load_processor(cfg: ModelConfig):
+    path = resolve_model_path(cfg.name_or_path)
+    return AutoProcessor.from_pretrained(path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+
+
+def model_family(cfg: ModelConfig) -> ModelFamily:
+    path = resolve_model_path(cfg.name_or_path)
+    config = AutoConfig.from_pretrained(path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+    return family_for(config)
+
+
+def load_base_model(cfg: ModelConfig, device: torch.device, quantize_4bit: bool = False):
+    path = resolve_model_path(cfg.name_or_path)
+    family = model_family(cfg)
+    kwargs = {}
+    if quantize_4bit:
+        if device.type != "cuda":
+            raise ConfigError("lora.method=qlora needs a CUDA GPU (bitsandbytes 4-bit); use lora or full on CPU")
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=resolve_dtype(cfg.dtype, device),
+            llm_int8_skip_modules=[family.vision_tower, family.projector, "lm_head"],
+        )
+    model = AutoModelForImageTextToText.from_pretrained(
+        path,
+        dtype=resolve_dtype(cfg.dtype, device),
+        revision=cfg.revision,
+        trust_remote_code=cfg.trust_remote_code,
+        attn_implementation="sdpa",
+        **kwargs,
+    )
+    return model if quantize_4bit else model.to(device)
+
+
+def lora_target_regex(model, family: ModelFamily, targets: list[str] | str) -> str:
+    """A PEFT target regex for linear layers inside the language model only (never vision or projector)."""
+    prefix = family.language_model + "."
+    linear_names = sorted(
+        {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if name.startswith(prefix) and _is_linear(m)}
+    )
+    wanted = linear_names if targets == "all-linear" else list(targets)
+    unknown = [t for t in wanted if t not in linear_names]
+    if unknown:
+        raise ConfigError(f"lora.target_modules {unknown} not found; linear layers here: {', '.join(linear_names)}")
+    return rf"^{re.escape(family.language_model)}\..*\.({'|'.join(map(re.escape, wanted))})$"
+
+
+def _is_linear(module) -> bool:
+    return isinstance(module, torch.nn.Linear) or type(module).__name__ in ("Linear4bit", "Linear8bitLt")
+
+
+def attach_adapter(model, family: ModelFamily, settings: LoraSettings, gradient_checkpointing: bool = False):
+    """Wrap for training: LoRA/QLoRA via PEFT, or unfreeze the language model for full fine-tuning."""
+    if settings.method == "full":
+        for name, param in model.named_parameters():
+            trainable = name.startswith(family.language_model) or name.startswith("lm_head")
+            param.requires_grad = trainable or (settings.train_projector and name.startswith(family.projector))
+        return model
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    if settings.method == "qlora":
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+    lora = LoraConfig(
+        r=settings.r,
+        lora_alpha=settings.alpha,
+        lora_dropout=settings.dropout,
+        target_modules=lora_target_regex(model, family, settings.target_modules),
+        modules_to_save=[family.projector] if settings.train_projector else None,
+        bias="none",
+    )
+    return get_peft_model(model, lora)
+
+
+def trainable_parameters(model) -> tuple[int, int]:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable, sum(p.numel() for p in model.parameters())

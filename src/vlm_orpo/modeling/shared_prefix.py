@@ -1,0 +1,124 @@
+"""The packed forward: image and prompt once per pair, chosen and rejected answers side by side.
+
+The model's own forward does the image-feature merge; we hand it a ready 4D mask (dense bool for SDPA, or a
+FlexAttention BlockMask) that transformers passes through unchanged, the restarted position ids, and
+`logits_to_keep` so the LM head runs only on positions that predict answer tokens.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from vlm_orpo.data.packing import CHOSEN, REJECTED, SEG_CHOSEN, SEG_PROMPT, SEG_REJECTED, SEGMENTS_PER_PAIR
+from vlm_orpo.losses import PairLogps
+from vlm_orpo.modeling.families import family_for
+
+BACKENDS = ("auto", "sdpa", "flex")
+# Batch keys that describe the packing; every other key is an image input for the model (pixel_values, ...).
+PACKING_KEYS = frozenset(
+    {
+        "input_ids",
+        "position_ids",
+        "pair_index",
+        "span",
+        "logits_to_keep",
+        "target_row",
+        "target_col",
+        "target_ids",
+        "target_segment",
+        "segment_tokens",
+        "meta",
+    }
+)
+_LOGSOFTMAX_CHUNK = 2048  # target tokens per fp32 log-softmax chunk
+
+
+def unwrap(model):
+    """The transformers model under DDP/compile/PEFT wrappers (LoRA layers are injected in place)."""
+    while hasattr(model, "module"):
+        model = model.module
+    model = getattr(model, "_orig_mod", model)
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"attention backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        return "flex" if device.type == "cuda" else "sdpa"
+    return backend
+
+
+def set_attention_backend(model, backend: str) -> str:
+    """Point the language model's attention at SDPA or FlexAttention; the vision tower keeps its own."""
+    hf = unwrap(model)
+    resolved = resolve_backend(backend, hf.device)
+    hf.set_attn_implementation({"text_config": "flex_attention" if resolved == "flex" else "sdpa"})
+    return resolved
+
+
+def dense_mask(pair_index: torch.Tensor, span: torch.Tensor) -> torch.Tensor:
+    """[rows, 1, T, T] bool, True = may attend: causal within a pair, and rejected never sees chosen.
+
+    Padding has pair_index -1, so pads attend only to pads and no query row is empty (no NaN in SDPA).
+    """
+    T = pair_index.shape[1]
+    pos = torch.arange(T, device=pair_index.device)
+    causal = pos[:, None] >= pos[None, :]
+    same_pair = pair_index[:, :, None] == pair_index[:, None, :]
+    hidden = (span[:, :, None] == REJECTED) & (span[:, None, :] == CHOSEN)
+    return (same_pair & causal & ~hidden)[:, None]
+
+
+def block_mask(pair_index: torch.Tensor, span: torch.Tensor):
+    """The same rule as `dense_mask`, as a FlexAttention BlockMask (fully masked blocks are skipped)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    def mask_mod(b, h, q, kv):
+        same_pair = pair_index[b, q] == pair_index[b, kv]
+        hidden = (span[b, q] == REJECTED) & (span[b, kv] == CHOSEN)
+        return same_pair & (kv <= q) & ~hidden
+
+    rows, T = pair_index.shape
+    return create_block_mask(mask_mod, rows, None, T, T, device=pair_index.device)
+
+
+def token_logps(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """log p(target) per row of [N, vocab] logits, in fp32 chunks so no [N, vocab] fp32 copy exists at once."""
+    out = []
+    for start in range(0, logits.shape[0], _LOGSOFTMAX_CHUNK):
+        chunk = logits[start : start + _LOGSOFTMAX_CHUNK].float()
+        tgt = targets[start : start + _LOGSOFTMAX_CHUNK, None]
+        out.append(chunk.gather(-1, tgt).squeeze(-1) - torch.logsumexp(chunk, dim=-1))
+    return torch.cat(out)
+
+
+def packed_logps(model, batch: dict, backend: str = "sdpa") -> PairLogps:
+    """Per-pair summed answer log-probs from one forward over packed rows (see `data.packing`)."""
+    hf = unwrap(model)
+    family = family_for(hf.config)
+    build_mask = block_mask if backend == "flex" else dense_mask
+    mask = build_mask(batch["pair_index"], batch["span"])
+    image_inputs = {k: v for k, v in batch.items() if k not in PACKING_KEYS}
+    outputs = model(
+        input_ids=batch["input_ids"],
+        attention_mask=mask,
+        position_ids=family.position_ids(hf, batch),
+        logits_to_keep=batch["logits_to_keep"],
+        use_cache=False,
+        **image_inputs,
+    )
+    logits = outputs.logits[batch["target_row"], batch["target_col"]]
+    logps = token_logps(logits, batch["target_ids"])
+    counts = batch["segment_tokens"]
+    sums = torch.zeros(counts.numel(), dtype=logps.dtype, device=logps.device)
+    sums = sums.index_add(0, batch["target_segment"], logps).view(-1, SEGMENTS_PER_PAIR)
+    has_prompt = bool(counts[:, SEG_PROMPT].any())
+    return PairLogps(
+        chosen_sum=sums[:, SEG_CHOSEN],
+        rejected_sum=sums[:, SEG_REJECTED],
+        chosen_tokens=counts[:, SEG_CHOSEN].to(logps.dtype),
+        rejected_tokens=counts[:, SEG_REJECTED].to(logps.dtype),
+        prompt_sum=sums[:, SEG_PROMPT] if has_prompt else None,
+        prompt_tokens=counts[:, SEG_PROMPT].to(logps.dtype) if has_prompt else None,
+    )
