@@ -104,10 +104,10 @@ def test_ensure_assets_layout_and_idempotent(assets, cache_dir):
     for key in ("tiny_model", "train", "validation"):
         p = Path(assets[key])
         assert p.is_absolute() and p.exists(), p
-        assert p.is_relative_to(cache_dir / "assets-v1")
+        assert p.is_relative_to(cache_dir / "assets-v2")
     assert assets["_build_seconds"] < 60, assets["_build_seconds"]
     # No leftover temp dirs from the atomic build.
-    assert sorted(p.name for p in (cache_dir / "assets-v1").iterdir()) == ["synthetic", "tiny-llava-next"]
+    assert sorted(p.name for p in (cache_dir / "assets-v2").iterdir()) == ["synthetic", "tiny-llava-next"]
 
     mtime = (Path(assets["tiny_model"]) / "model.safetensors").stat().st_mtime_ns
     t0 = time.perf_counter()
@@ -124,19 +124,19 @@ def test_ensure_assets_waits_for_lock(tmp_path):
     from vlm_orpo.assets import _file_lock
 
     result = {}
-    with _file_lock(tmp_path / "assets-v1.lock"):
+    with _file_lock(tmp_path / "assets-v2.lock"):
         worker = threading.Thread(target=lambda: result.update(ensure_assets(tmp_path)))
         worker.start()
         worker.join(timeout=1.0)
         assert worker.is_alive(), "ensure_assets did not wait for the lock"
-        assert not (tmp_path / "assets-v1").exists()
+        assert not (tmp_path / "assets-v2").exists()
     worker.join(timeout=120)
     assert not worker.is_alive()
     assert Path(result["tiny_model"], "model.safetensors").is_file() and Path(result["train"]).is_file()
 
 
 def test_ensure_assets_removes_stale_temp_dirs_and_rebuilds_missing(tmp_path):
-    base = tmp_path / "assets-v1"
+    base = tmp_path / "assets-v2"
     stale = base / ".tiny-llava-next.tmp-dead"
     stale.mkdir(parents=True)
     (stale / "model.safetensors").write_bytes(b"half")
@@ -162,7 +162,7 @@ def test_ensure_assets_concurrent_processes(tmp_path):
     results = [json.loads(out.strip().splitlines()[-1]) for out, _ in outs]
     assert results[0] == results[1]
     assert Path(results[0]["tiny_model"], "model.safetensors").is_file()
-    assert sorted(p.name for p in (tmp_path / "assets-v1").iterdir()) == ["synthetic", "tiny-llava-next"]
+    assert sorted(p.name for p in (tmp_path / "assets-v2").iterdir()) == ["synthetic", "tiny-llava-next"]
 
 
 # --------------------------------------------------------------------------- tiny model

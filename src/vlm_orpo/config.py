@@ -31,6 +31,7 @@ class DataConfig:
     subset_fraction: float = 1.0  # the seed trained on 10% of RLAIF-V
     seed: int = 42
     columns: dict[str, str] = field(default_factory=dict)  # canonical name -> column, e.g. {"question": "prompt"}
+    where: dict[str, Any] = field(default_factory=dict)  # keep rows whose column is one of these values
     max_answer_tokens: int = 128
     max_prompt_tokens: int | None = None  # longer prompts (image tokens included) are skipped, never cut
     max_tokens_per_row: int | None = None  # pack several pairs per row up to this length; None = a pair per row
@@ -136,7 +137,13 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     parts = key.strip().split(".")
     if len(parts) < 2 or parts[0] not in SECTIONS:
         raise ConfigError(f"override {text!r}: key must start with one of {', '.join(SECTIONS)}")
-    return parts, yaml.safe_load(raw) if raw.strip() else None
+    value = yaml.safe_load(raw) if raw.strip() else None
+    if isinstance(value, str):  # YAML 1.1 reads "5e-3" as a string; users mean the number
+        try:
+            value = float(value)
+        except ValueError:
+            pass
+    return parts, value
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> RunConfig:

@@ -29,7 +29,7 @@ __all__ = [
 ]
 
 # Bump when the generators change, so stale caches are rebuilt under a new folder.
-ASSETS_VERSION = "assets-v1"
+ASSETS_VERSION = "assets-v2"
 SEED = 0
 TINY_MODEL_DIRNAME = "tiny-llava-next"
 SYNTHETIC_DIRNAME = "synthetic"
@@ -73,9 +73,9 @@ def _data_ready(paths: dict[str, Path]) -> bool:
 def ensure_assets(root: Path | None = None) -> dict[str, str]:
     """Return ``{"tiny_model": DIR, "train": PATH, "validation": PATH}`` (absolute strings).
 
-    Builds whatever is missing under ``<root>/assets-v1/`` (``root`` defaults to
+    Builds whatever is missing under ``<root>/assets-v2/`` (``root`` defaults to
     :func:`cache_root`). Concurrent callers are serialised by an ``flock`` on
-    ``<root>/assets-v1.lock``; builds are atomic, so readers never see partial files.
+    ``<root>/assets-v2.lock``; builds are atomic, so readers never see partial files.
     """
     root = Path(root).expanduser() if root is not None else cache_root()
     root = root.absolute()

@@ -244,6 +244,9 @@ def _build_config(hf_tok):
         intermediate_size=256,
         max_position_embeddings=4096,
         sliding_window=None,
+        # HF's default 0.02 is tuned for hidden sizes in the thousands; at 128 it caps a frozen random
+        # lm_head's logits near +-2.5, so the quickstart could not become confident in minutes.
+        initializer_range=0.1,
         tie_word_embeddings=False,
         bos_token_id=hf_tok.bos_token_id,
         eos_token_id=hf_tok.eos_token_id,

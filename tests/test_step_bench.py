@@ -1,0 +1,184 @@
+"""benchmarks/step_bench.py: the CPU smoke run and its JSON contract, the 7b geometry and FLOP formula, and
+`modeling.compile.compile_decoder_layers`. No timing is asserted."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+BENCH = REPO / "benchmarks" / "step_bench.py"
+CONTRACT_KEYS = {"median_s", "pairs_per_s", "tokens_per_s", "mfu", "peak_gib", "loss"}
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("step_bench", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("step_bench", module)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")]))
+    cmd = [
+        sys.executable, str(BENCH), "--size", "small", "--device", "cpu", "--pairs-per-step", "1", "4",
+        "--steps", "3", "--warmup", "1", "--json", str(out / "r.json"), "--profile", str(out / "profile.txt"),
+        "--profile-steps", "1",
+    ]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    return proc, out
+
+
+@pytest.mark.slow
+def test_cpu_smoke_json_contract(smoke_run):
+    proc, out = smoke_run
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads((out / "r.json").read_text())
+    assert {"device", "versions", "variants", "config", "loss_check", "date"} <= report.keys()
+    assert report["complete"] is True
+    assert report["device"]["type"] == "cpu"
+    assert report["versions"]["torch"] == torch.__version__ and report["versions"]["transformers"]
+    variants = report["variants"]
+    assert {"plain", "packed_sdpa", "packed_flex", "plain_x4", "packed_sdpa_x4", "packed_flex_x4"} <= variants.keys()
+    for name, v in variants.items():
+        assert CONTRACT_KEYS <= v.keys(), name
+    for name in ("plain", "packed_sdpa", "plain_x4", "packed_sdpa_x4"):
+        v = variants[name]
+        assert v["skipped"] is None and v["median_s"] > 0 and v["pairs_per_s"] > 0 and v["tokens_per_s"] > 0
+        assert v["mfu"] is None and v["peak_gib"] is None  # CPU: no peak FLOP/s table, no allocator peak
+        assert len(v["times_s"]) == 3
+    # FlexAttention has no CPU backward: recorded as skipped with a reason, not a crash
+    assert variants["packed_flex"]["skipped"] and variants["packed_flex"]["median_s"] is None
+    # losses agree, and the packed row is shorter than the two plain sequences
+    assert report["loss_check"]["ok"] is True
+    for n in ("", "_x4"):
+        plain, packed = variants[f"plain{n}"], variants[f"packed_sdpa{n}"]
+        assert packed["loss"] == pytest.approx(plain["loss"], rel=1e-4)
+        assert packed["tokens_per_step"] < plain["tokens_per_step"]
+        assert packed["flops_per_step"]["total"] < plain["flops_per_step"]["total"]
+    assert "loss check" in proc.stdout and "| variant |" in proc.stdout
+
+
+@pytest.mark.slow
+def test_cpu_smoke_profile_and_summary(smoke_run, bench):
+    proc, out = smoke_run
+    assert proc.returncode == 0
+    text = (out / "profile.txt").read_text()
+    assert "by model part" in text and "by op kind" in text
+    report = json.loads((out / "r.json").read_text())
+    parts = report["profile"]["packed_sdpa"]["by_part"]
+    for part in ("LM head", "LoRA A/B + scale/add", "vision tower", "attention core + rope + reshapes"):
+        assert part in parts, sorted(parts)
+    assert sum(p["share"] for p in parts.values()) == pytest.approx(1.0, abs=1e-6)
+    table = bench.summarize([str(out / "r.json")])
+    assert "packed_sdpa_x4" in table and "vs eager plain" in table
+
+
+def test_7b_geometry_gives_2340_image_tokens(bench, tiny_processor):
+    """The bench's pixel pipeline and the model's feature count agree with the processor's own token rule."""
+    from transformers import LlavaNextProcessor
+
+    geometry = bench.SIZES["7b-tiny"]  # the 7b image geometry and answer lengths, tiny widths
+    model = bench.build_model(geometry, torch.device("cpu"), torch.float32, seed=0)
+    pairs = bench.make_pairs(model, geometry, 2, seed=0)
+    assert pairs[0].image_inputs["pixel_values"].shape == (1, 5, 3, 336, 336)
+    assert pairs[0].prompt_ids.count(geometry.image_token_id) == 2340
+    assert len(pairs[0].prompt_ids) == 2340 + geometry.question_tokens
+    processor = LlavaNextProcessor(
+        image_processor=bench.build_image_processor(bench.SIZES["7b"]),
+        tokenizer=tiny_processor.tokenizer,
+        patch_size=14,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+    )
+    assert processor._get_num_multimodal_tokens(image_sizes=[[480, 640]])["num_image_tokens"] == [2340]
+    # realistic, seeded answer lengths; pair i does not depend on how many pairs are made
+    assert bench.make_pairs(model, geometry, 1, seed=0)[0].chosen_ids == pairs[0].chosen_ids
+    lengths = [len(p.chosen_ids) for p in bench.make_pairs(model, geometry, 16, seed=0)]
+    assert len(set(lengths)) > 8 and 60 < sorted(lengths)[8] < 300
+
+
+def test_7b_config_and_flop_formula(bench):
+    """The 7b config is llava-v1.6-mistral-7b (7.57B parameters) and the formula's linears match the model's."""
+    from transformers import LlavaNextForConditionalGeneration
+
+    size = bench.SIZES["7b"]
+    with torch.device("meta"):
+        model = LlavaNextForConditionalGeneration(bench.build_config(size))
+    n_params = sum(p.numel() for p in model.parameters())
+    assert 7.50e9 < n_params < 7.60e9
+    layer = model.model.language_model.layers[0]
+    linear = sum(m.weight.numel() for m in layer.modules() if isinstance(m, torch.nn.Linear))
+    assert linear == sum(i * o for i, o in bench.text_linears(size))
+    # one 640x480 pair: packing shares the image and prompt, so the step costs well under plain's
+    p, c, r = 2340 + 40, 150, 150
+    plain_seqs = [p + c, p + r]
+    plain = bench.step_flops(size, sum(plain_seqs), sum(n * (n + 1) // 2 for n in plain_seqs), sum(plain_seqs),
+                             10, 16)
+    packed = bench.step_flops(size, p + c + r, (p + c) * (p + c + 1) // 2 + r * p + r * (r + 1) // 2, c + r, 5, 16)
+    assert 0.5 < packed["total"] / plain["total"] < 0.6
+    assert plain["lm_head"] / packed["lm_head"] > 10
+    # ~2 x 7B frozen parameters x 2 (forward + input gradient) per token
+    assert packed["linear"] / (p + c + r) == pytest.approx(4 * 6.98e9, rel=0.02)
+
+
+def _inductor_works() -> bool:
+    try:
+        return bool(torch.compile(lambda x: x * 2 + 1)(torch.ones(4)).eq(3).all())
+    except Exception:  # noqa: BLE001 - no C++ toolchain, or inductor unavailable here
+        return False
+
+
+@pytest.mark.slow
+def test_compiled_decoder_layers_give_the_same_packed_logps(asset_cache, tiny_pairs):
+    from transformers import AutoModelForImageTextToText
+
+    from vlm_orpo.data.packing import PackedCollator
+    from vlm_orpo.modeling.compile import compile_decoder_layers, decoder_layers, is_compiled
+    from vlm_orpo.modeling.shared_prefix import packed_logps, set_attention_backend
+
+    if not _inductor_works():
+        pytest.skip("torch.compile (inductor) does not work on this CPU")
+    torch._dynamo.reset()
+    encoder, pairs = tiny_pairs
+    model = AutoModelForImageTextToText.from_pretrained(asset_cache["tiny_model"], dtype=torch.float32).eval()
+    set_attention_backend(model, "sdpa")
+    batch = PackedCollator(encoder.tokenizer.pad_token_id, encoder.image_token_id, 4000)(pairs[:3])
+    keys = list(model.state_dict())
+    with torch.no_grad():
+        eager = packed_logps(model, batch, "sdpa")
+        assert compile_decoder_layers(model) == len(decoder_layers(model)) == model.config.text_config.num_hidden_layers
+        assert is_compiled(model)
+        compiled = packed_logps(model, batch, "sdpa")
+    assert list(model.state_dict()) == keys  # compiled in place: checkpoints and PEFT names unchanged
+    torch.testing.assert_close(compiled.chosen, eager.chosen, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(compiled.rejected, eager.rejected, rtol=1e-5, atol=1e-5)
+    torch._dynamo.reset()
+
+
+def test_decoder_layers_found_through_peft(asset_cache):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForImageTextToText
+
+    from vlm_orpo.modeling.compile import decoder_layers, is_compiled
+    from vlm_orpo.modeling.families import family_for
+    from vlm_orpo.modeling.load import lora_target_regex
+
+    model = AutoModelForImageTextToText.from_pretrained(asset_cache["tiny_model"], dtype=torch.float32)
+    layers = decoder_layers(model)
+    peft_model = get_peft_model(
+        model, LoraConfig(r=2, target_modules=lora_target_regex(model, family_for(model.config), "all-linear"))
+    )
+    assert decoder_layers(peft_model) is layers
+    assert not is_compiled(peft_model)
