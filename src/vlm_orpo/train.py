@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from transformers import Trainer, TrainerCallback, set_seed
 from transformers.trainer_utils import get_last_checkpoint, rotate_checkpoints
+from transformers.training_args import ParallelMode
 
 from vlm_orpo.config import ConfigError, RunConfig
 from vlm_orpo.data.packing import PackedCollator, PairEncoder, load_pairs
@@ -62,12 +63,22 @@ class OrpoTrainer(Trainer):
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs and self._train_metrics:  # a training log: add the ORPO metrics and throughput
-            logs.update({k: sum(v) / len(v) for k, v in self._train_metrics.items()})
+            local = {k: sum(v) / len(v) for k, v in self._train_metrics.items()}
+            if self.args.parallel_mode != ParallelMode.DISTRIBUTED:  # Trainer gathers loss only on GPU DDP
+                local["loss"] = logs["loss"]
+            logs.update(self._mean_over_processes(local))
             now = time.perf_counter()
             logs["pairs_per_s"] = self._pairs_since_log * self.args.world_size / max(now - self._last_log_time, 1e-9)
             self._train_metrics.clear()
             self._pairs_since_log, self._last_log_time = 0, now
         super().log(logs, start_time)
+
+    def _mean_over_processes(self, values: dict[str, float]) -> dict[str, float]:
+        if self.args.world_size <= 1:
+            return values
+        keys = sorted(values)
+        mean = self.accelerator.reduce(torch.tensor([values[k] for k in keys], device=self.args.device), "mean")
+        return dict(zip(keys, mean.tolist()))
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
         dataloader = self.get_eval_dataloader(eval_dataset)
@@ -140,7 +151,9 @@ def _truncate_metrics(path: Path, last_step: int) -> None:
 
 def build_trainer(cfg: RunConfig):
     """Everything up to `Trainer.train`: data, model, adapter, collator. Shared by train and --dry-run."""
-    args = cfg.training_args()
+    multi_cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+    # accelerate runs CPU processes as DDP (gloo) only with use_cpu; without it they would train apart, silently
+    args = cfg.training_args(**({"use_cpu": True} if multi_cpu else {}))
     if args.gradient_checkpointing and args.gradient_checkpointing_kwargs is None:
         args.gradient_checkpointing_kwargs = {"use_reentrant": False}  # LoRA with a frozen embedding needs this
     set_seed(args.seed)

@@ -1,0 +1,138 @@
+"""End-to-end `vlm-orpo train` on the bundled tiny model: the quickstart, resume after SIGKILL, and CPU DDP."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+ROOT = Path(__file__).resolve().parents[1]
+QUICKSTART = str(ROOT / "configs" / "quickstart.yaml")
+pytestmark = pytest.mark.slow
+
+
+def cli(*args, env=None, check=True, timeout=900):
+    result = subprocess.run(
+        [sys.executable, "-m", "vlm_orpo.cli", *args], capture_output=True, text=True, env=env, timeout=timeout
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(f"vlm-orpo {' '.join(args)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+    return result
+
+
+def records(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="session")
+def quickstart_run(asset_cache, tmp_path_factory):
+    """The README's quickstart, exactly as configured, into a temporary run directory."""
+    run = tmp_path_factory.mktemp("quickstart") / "run"
+    result = cli("train", "--config", QUICKSTART, f"training.output_dir={run}", env=dict(os.environ))
+    return run, result.stdout
+
+
+def test_quickstart_improves_and_saves_loadable_adapters(quickstart_run, asset_cache):
+    run, stdout = quickstart_run
+    evals = [r for r in records(run) if "eval_accuracy" in r]
+    assert evals[0]["step"] == 0 and evals[0]["eval_accuracy"] <= 0.7  # base: about chance
+    assert evals[-1]["eval_accuracy"] >= 0.9
+    assert evals[-1]["eval_loss"] < evals[0]["eval_loss"]
+    assert "| base (step 0) |" in stdout and "| final (step" in stdout
+    summary = (run / "summary.md").read_text()
+    assert "ORPO loss (λ = 1)" in summary and "best (step" in summary
+    for plot in ("orpo_loss.png", "sft_loss.png", "or_loss.png", "preference_accuracy.png"):
+        assert (run / plot).stat().st_size > 1000
+    train_logs = [r for r in records(run) if "rewards/accuracies" in r]
+    assert train_logs and all("pairs_per_s" in r and "log_odds_chosen" in r for r in train_logs)
+
+    from peft import PeftModel
+    from transformers import AutoModelForImageTextToText
+
+    for name in ("best", "final"):
+        assert (run / name / "adapter_config.json").exists()
+        base = AutoModelForImageTextToText.from_pretrained(asset_cache["tiny_model"])
+        before = {k: v.clone() for k, v in base.state_dict().items() if "multi_modal_projector" in k}
+        tuned = PeftModel.from_pretrained(base, str(run / name))
+        lora = [n for n, _ in tuned.named_parameters() if "lora_B" in n]
+        assert lora, "the adapter must hold LoRA weights"
+        assert any(p.abs().sum() > 0 for n, p in tuned.named_parameters() if "lora_B" in n)
+        assert before  # the projector was trained (modules_to_save) and is saved with the adapter
+        saved = load_file(str(run / name / "adapter_model.safetensors"))
+        assert any("multi_modal_projector" in k for k in saved)
+
+
+def small_run_args(run: Path, *extra: str) -> list[str]:
+    return [
+        "train", "--config", QUICKSTART, f"training.output_dir={run}", "training.max_steps=12",
+        "training.save_steps=4", "training.eval_strategy=no", "training.logging_steps=1",
+        "training.per_device_train_batch_size=4", "training.save_total_limit=null", *extra,
+    ]
+
+
+def adapter(run: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(run / "final" / "adapter_model.safetensors"))
+
+
+def test_resume_after_sigkill_matches_uninterrupted_run(asset_cache, tmp_path):
+    env = dict(os.environ)
+    straight = tmp_path / "straight"
+    cli(*small_run_args(straight), env=env)
+
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "vlm_orpo.cli", *small_run_args(killed)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    deadline = time.time() + 600
+    while not (killed / "checkpoint-8").exists():
+        assert proc.poll() is None, "the run ended before it could be killed"
+        assert time.time() < deadline
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "final").exists(), "the kill must land mid-training"
+    for checkpoint in killed.glob("checkpoint-*"):  # renamed into place only when complete
+        assert (checkpoint / "trainer_state.json").exists() and (checkpoint / "optimizer.pt").exists()
+
+    cli(*small_run_args(killed), "--resume", env=env)
+    a, b = adapter(straight), adapter(killed)
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-6)
+    steps = [r["step"] for r in records(killed) if "loss" in r and "train_runtime" not in r]
+    assert steps == sorted(set(steps)) == list(range(1, 13)), "metrics.jsonl must hold each step once"
+
+
+def test_resume_without_checkpoint_is_a_clear_error(asset_cache, tmp_path):
+    result = cli(*small_run_args(tmp_path / "empty"), "--resume", env=dict(os.environ), check=False)
+    assert result.returncode == 2
+    assert "no checkpoint" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_ddp_two_processes_match_one_process(asset_cache, tmp_path):
+    """2 CPU processes (gloo) with batch 4 each follow the 1-process curve with batch 8."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    common = ["training.max_steps=6", "training.eval_strategy=no", "training.logging_steps=1",
+              "training.train_sampling_strategy=sequential",  # same pairs in each global batch
+              "training.save_strategy=no", "training.dataloader_num_workers=0"]
+    one = tmp_path / "one"
+    cli("train", "--config", QUICKSTART, f"training.output_dir={one}", "training.per_device_train_batch_size=8",
+        *common, env=env)
+    two = tmp_path / "two"
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
+              "-m", "vlm_orpo.cli", "train", "--config", QUICKSTART, f"training.output_dir={two}",
+              "training.per_device_train_batch_size=4", *common]
+    result = subprocess.run(launch, capture_output=True, text=True, env=env, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    losses = lambda run: [r["loss"] for r in records(run) if "loss" in r and "train_runtime" not in r]  # noqa: E731
+    a, b = losses(one), losses(two)
+    assert len(a) == len(b) == 6
+    for x, y in zip(a, b):
+        assert abs(x - y) <= 1e-3 * max(1.0, abs(x)), (a, b)
