@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -44,3 +47,22 @@ def tiny_pairs(asset_cache, tiny_processor):
 def fp32_default():
     torch.manual_seed(0)
     yield
+
+
+ROOT = Path(__file__).resolve().parents[1]
+QUICKSTART = str(ROOT / "configs" / "quickstart.yaml")
+
+
+def run_cli(*args, env=None, timeout=900, module="vlm_orpo.cli"):
+    """Run `vlm-orpo ARGS` in a fresh process, as a user would."""
+    return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True,
+                          env=dict(env or os.environ), timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def quickstart_run(asset_cache, tmp_path_factory):
+    """The README's quickstart, exactly as configured, into a temporary run directory."""
+    run = tmp_path_factory.mktemp("quickstart") / "run"
+    result = run_cli("train", "--config", QUICKSTART, f"training.output_dir={run}")
+    assert result.returncode == 0, f"{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    return run, result.stdout

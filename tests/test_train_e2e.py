@@ -14,15 +14,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-ROOT = Path(__file__).resolve().parents[1]
-QUICKSTART = str(ROOT / "configs" / "quickstart.yaml")
+from conftest import QUICKSTART, run_cli
+
 pytestmark = pytest.mark.slow
 
 
 def cli(*args, env=None, check=True, timeout=900):
-    result = subprocess.run(
-        [sys.executable, "-m", "vlm_orpo.cli", *args], capture_output=True, text=True, env=env, timeout=timeout
-    )
+    result = run_cli(*args, env=env, timeout=timeout)
     if check and result.returncode != 0:
         raise AssertionError(f"vlm-orpo {' '.join(args)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
     return result
@@ -30,14 +28,6 @@ def cli(*args, env=None, check=True, timeout=900):
 
 def records(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-
-
-@pytest.fixture(scope="session")
-def quickstart_run(asset_cache, tmp_path_factory):
-    """The README's quickstart, exactly as configured, into a temporary run directory."""
-    run = tmp_path_factory.mktemp("quickstart") / "run"
-    result = cli("train", "--config", QUICKSTART, f"training.output_dir={run}", env=dict(os.environ))
-    return run, result.stdout
 
 
 def test_quickstart_improves_and_saves_loadable_adapters(quickstart_run, asset_cache):

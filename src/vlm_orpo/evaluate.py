@@ -19,7 +19,7 @@ import torch
 from vlm_orpo.config import ConfigError, load_config
 from vlm_orpo.data.packing import PackedCollator, PairEncoder, load_pairs
 from vlm_orpo.data.sources import open_image
-from vlm_orpo.modeling.load import load_base_model, load_processor, resolve_dtype
+from vlm_orpo.modeling.load import load_base_model, load_processor
 from vlm_orpo.modeling.shared_prefix import set_attention_backend
 from vlm_orpo.reporting import COLUMNS, plot_comparison, results_table
 from vlm_orpo.scoring import PER_PAIR_FIELDS, score_batches
@@ -101,6 +101,7 @@ def run_evaluate(args) -> dict:
     base = load_base_model(cfg.model, device).eval()
     backend = set_attention_backend(base, cfg.model.attn_backend)
 
+    pope = load_pope(args.pope) if args.pope else None
     rows, generations = [], {}
     per_pair = open(args.per_pair, "w") if args.per_pair else None
     try:
@@ -110,13 +111,17 @@ def run_evaluate(args) -> dict:
             if per_pair:
                 write_per_pair(per_pair, name, scores)
             if args.generate:
-                generations[name] = generate_answers(model, encoder, dataset, args.generate, device)
+                generations[name] = generate_answers(model, encoder, dataset, args.generate)
+            if pope:
+                rows[-1][1].update(pope_scores(model, encoder, pope))
             print(f"scored {name}: {len(scores)} pairs", flush=True)
     finally:
         if per_pair:
             per_pair.close()
 
     table = results_table(rows, orpo_lambda)
+    if pope:
+        table += "\n\n" + pope_table(rows)
     print(table)
     (out / "results.md").write_text(table + "\n")
     (out / "results.json").write_text(json.dumps({"orpo_lambda": orpo_lambda, "rows": dict(rows)}, indent=2))
@@ -132,6 +137,13 @@ def run_evaluate(args) -> dict:
     return dict(rows)
 
 
+def pope_table(rows) -> str:
+    keys = ("pope_accuracy", "pope_precision", "pope_recall", "pope_f1", "pope_yes_ratio")
+    lines = ["| Name | POPE accuracy | Precision | Recall | F1 | Yes ratio |", "|---|---|---|---|---|---|"]
+    lines += ["| " + " | ".join([name, *(f"{m[k]:.3f}" for k in keys)]) + " |" for name, m in rows]
+    return "\n".join(lines)
+
+
 def write_per_pair(f, model_name: str, scores) -> None:
     """One JSON object per pair: the contract in DESIGN.md ("Contracts")."""
     values = {k: scores.values[k].tolist() for k in PER_PAIR_FIELDS}
@@ -141,17 +153,57 @@ def write_per_pair(f, model_name: str, scores) -> None:
 
 
 @torch.no_grad()
-def generate_answers(model, encoder: PairEncoder, dataset, n: int, device) -> list[str]:
-    answers = []
-    for i in range(min(n, len(dataset))):
-        row = dataset.rows[i]
-        prompt = encoder.prompt_text(row["question"])
-        inputs = encoder.processor(images=[open_image(row["image"])], text=[prompt], return_tensors="pt").to(device)
-        dtype = next(model.parameters()).dtype
-        inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
-        output = model.generate(**inputs, max_new_tokens=encoder.max_answer_tokens, do_sample=False)
-        answers.append(encoder.tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))
-    return answers
+def generate(model, encoder: PairEncoder, image, question, max_new_tokens: int) -> str:
+    """Greedy answer to one image and question, formatted with the same chat template as training."""
+    prompt = encoder.prompt_text(question)
+    device = next(model.parameters()).device
+    inputs = encoder.processor(images=[open_image(image)], text=[prompt], return_tensors="pt").to(device)
+    inputs["pixel_values"] = inputs["pixel_values"].to(next(model.parameters()).dtype)
+    output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+    return encoder.tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip()
+
+
+def generate_answers(model, encoder: PairEncoder, dataset, n: int) -> list[str]:
+    rows = (dataset.rows[i] for i in range(min(n, len(dataset))))
+    return [generate(model, encoder, r["image"], r["question"], encoder.max_answer_tokens) for r in rows]
+
+
+def load_pope(path: str) -> list[dict]:
+    """POPE-style rows (image, question, label yes/no) from any file format the data sources read."""
+    from vlm_orpo.data.sources import load_source
+
+    data, base_dir = load_source(path, "train")
+    missing = {"image", "question", "label"} - set(data.column_names)
+    if missing:
+        raise ConfigError(f"POPE file {path} lacks column(s) {sorted(missing)}; it needs image, question, label")
+    rows = []
+    for row in data:
+        label = str(row["label"]).strip().lower()
+        if label not in ("yes", "no"):
+            raise ConfigError(f"POPE file {path}: label must be yes or no, got {row['label']!r}")
+        rows.append({"image": open_image(row["image"], base_dir), "question": row["question"], "label": label})
+    return rows
+
+
+def pope_scores(model, encoder: PairEncoder, rows: list[dict]) -> dict[str, float]:
+    """Object-hallucination metrics of POPE (Li et al. 2023): accuracy, precision, recall, F1 and yes-ratio."""
+    said_yes = []
+    for row in rows:
+        answer = generate(model, encoder, row["image"], f"{row['question']} Answer yes or no.", 4).lower()
+        said_yes.append(answer.lstrip(" .,!").startswith("yes"))
+    truth = [r["label"] == "yes" for r in rows]
+    tp = sum(p and t for p, t in zip(said_yes, truth))
+    fp = sum(p and not t for p, t in zip(said_yes, truth))
+    fn = sum(not p and t for p, t in zip(said_yes, truth))
+    precision = tp / (tp + fp) if tp + fp else 0.0
+    recall = tp / (tp + fn) if tp + fn else 0.0
+    return {
+        "pope_accuracy": sum(p == t for p, t in zip(said_yes, truth)) / len(rows),
+        "pope_precision": precision,
+        "pope_recall": recall,
+        "pope_f1": 2 * precision * recall / (precision + recall) if precision + recall else 0.0,
+        "pope_yes_ratio": sum(said_yes) / len(rows),
+    }
 
 
 def _image_data_url(value) -> str:

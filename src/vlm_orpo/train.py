@@ -259,24 +259,34 @@ def write_summary(out: Path, orpo_lambda: float, seconds: float, report) -> None
 
 def dry_run(cfg: RunConfig) -> str:
     """Validate what can be validated offline and print the plan; hub models and data are not fetched."""
-    from pathlib import Path as _Path
+    from transformers import AutoConfig, AutoModelForImageTextToText
 
     from vlm_orpo.config import BUNDLED
-    from vlm_orpo.data.sources import DataError
+    from vlm_orpo.data.sources import _FILE_FORMATS, DataError
+    from vlm_orpo.modeling.load import resolve_model_path
 
-    args = cfg.training_args()  # builds and checks every training value
     notes = []
+    on_gpu = torch.cuda.is_available()
+    if not on_gpu:
+        notes.append("no GPU here: the training arguments were checked as if on CPU (bf16/qlora runs need a GPU)")
+    args = cfg.training_args(**({} if on_gpu else {"use_cpu": True}))  # builds and checks every training value
     source = cfg.data.source
-    if source != BUNDLED and (source.startswith((".", "/", "~")) or _Path(source).suffix in (".parquet", ".jsonl", ".json")):
-        if not _Path(source).expanduser().exists():
-            raise DataError(f"data path not found: {source}")
+    looks_local = source.startswith((".", "/", "~")) or Path(source).suffix.lower() in _FILE_FORMATS
+    if source != BUNDLED and looks_local and not Path(source).expanduser().exists():
+        raise DataError(f"data path not found: {source}")
     try:
-        family = model_family(cfg.model)
-        notes.append(f"model family: {family.name}")
-    except (OSError, ValueError) as exc:
-        if isinstance(exc, ConfigError) or "not supported" in str(exc):
-            raise ConfigError(str(exc)) from None
-        notes.append(f"model config not reachable here ({type(exc).__name__}); family checked when it loads")
-    if cfg.lora.method == "qlora" and not torch.cuda.is_available():
-        notes.append("note: qlora needs a CUDA GPU; this machine has none, so a real run here would stop")
+        config = AutoConfig.from_pretrained(
+            resolve_model_path(cfg.model.name_or_path), revision=cfg.model.revision,
+            trust_remote_code=cfg.model.trust_remote_code,
+        )
+    except OSError as exc:
+        config = None
+        notes.append(f"model config not reachable here ({type(exc).__name__}); its family is checked when it loads")
+    if config is not None:
+        family = model_family(cfg.model)  # raises ConfigError for an unsupported family
+        with torch.device("meta"):  # shapes only: counts parameters of a 7B model without memory
+            model = AutoModelForImageTextToText.from_config(config)
+            model = attach_adapter(model, family, cfg.lora)
+        trainable, total = trainable_parameters(model)
+        notes.append(f"model family: {family.name}; trainable parameters: {trainable:,} of {total:,} ({trainable / total:.2%})")
     return plan(cfg, args) + "\n" + "\n".join(notes)

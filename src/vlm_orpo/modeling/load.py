@@ -44,7 +44,10 @@ def load_processor(cfg: ModelConfig):
 def model_family(cfg: ModelConfig) -> ModelFamily:
     path = resolve_model_path(cfg.name_or_path)
     config = AutoConfig.from_pretrained(path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
-    return family_for(config)
+    try:
+        return family_for(config)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def load_base_model(cfg: ModelConfig, device: torch.device, quantize_4bit: bool = False):

@@ -1,0 +1,78 @@
+"""The command line: subcommands, offline assets, dry runs and one-line errors for bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT
+from conftest import run_cli as cli
+
+
+def assert_one_line_error(result, *needles):
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, result.stderr[-2000:]
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+def test_help_lists_every_subcommand():
+    result = cli("--help")
+    assert result.returncode == 0
+    for name in ("train", "evaluate", "merge", "quantize", "serve", "chat", "assets"):
+        assert name in result.stdout
+    for name in ("train", "evaluate", "assets"):
+        assert cli(name, "--help").returncode == 0
+
+
+def test_assets_json_offline(asset_cache):
+    result = cli("assets", "--json")
+    assert result.returncode == 0, result.stderr
+    paths = json.loads(result.stdout)
+    assert paths == asset_cache
+    assert (Path(paths["tiny_model"]) / "config.json").exists()
+    assert "tiny_model" in cli("assets").stdout
+
+
+def test_dry_run_accepts_the_seed_config_offline(asset_cache):
+    result = cli("train", "--config", str(ROOT / "configs" / "llava16_rlaifv.yaml"), "--dry-run")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "llava-hf/llava-v1.6-mistral-7b-hf" in result.stdout and "ORPO lambda 10" in result.stdout
+    assert "batch 1 x accumulation 4" in result.stdout
+
+
+def test_dry_run_of_quickstart_counts_trainable_parameters(asset_cache):
+    result = cli("train", "--config", str(ROOT / "configs" / "quickstart.yaml"), "--dry-run")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "model family: llava" in result.stdout and "trainable parameters" in result.stdout
+
+
+@pytest.mark.parametrize(
+    "overrides, needles",
+    [
+        (["training.learning_rate=-1e-4"], ["learning_rate must be positive"]),
+        (["training.learnig_rate=1e-4"], ["unknown key training.learnig_rate", "learning_rate"]),
+        (["data.source=/no/such/data.parquet"], ["data path not found"]),
+        (["lora.method=dora"], ["lora.method"]),
+        (["model.name_or_path=/no/such/model"], ["model path not found"]),
+        (["nonsense"], ["section.key=value"]),
+    ],
+)
+def test_bad_config_values_are_one_line_errors(asset_cache, overrides, needles):
+    result = cli("train", "--config", str(ROOT / "configs" / "quickstart.yaml"), *overrides, "--dry-run")
+    assert_one_line_error(result, *needles)
+
+
+def test_unknown_model_family_is_one_line_error(asset_cache, tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "paligemma"}))
+    result = cli("train", "--config", str(ROOT / "configs" / "quickstart.yaml"),
+                 f"model.name_or_path={tmp_path}", "--dry-run")
+    assert_one_line_error(result, "paligemma", "not supported")
+
+
+def test_missing_config_file_is_one_line_error():
+    assert_one_line_error(cli("train", "--config", "/no/such.yaml"), "config file not found")

@@ -1,0 +1,162 @@
+"""`vlm-orpo evaluate`: the table, per-pair output against a plain forward, generations, POPE, bad input."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import shutil
+import subprocess
+from html.parser import HTMLParser
+
+import datasets
+import pytest
+import torch
+from PIL import Image
+
+from conftest import QUICKSTART, run_cli
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def evaluated(quickstart_run, tmp_path_factory):
+    run, _ = quickstart_run
+    out = tmp_path_factory.mktemp("eval")
+    pope = out / "pope.jsonl"
+    write_pope(pope)
+    result = run_cli(
+        "evaluate", "--config", QUICKSTART, "--adapters", str(run / "best"), str(run / "final"),
+        "--lambda", "1", "--out", str(out), "--per-pair", str(out / "pairs.jsonl"), "--generate", "4",
+        "--pope", str(pope), "--limit", "24",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return run, out, result.stdout
+
+
+def write_pope(path):
+    """A POPE-style file from the bundled validation images: is there a <colour> shape? yes / no."""
+    from vlm_orpo.assets import ensure_assets
+
+    rows = datasets.load_dataset("parquet", data_files=ensure_assets()["validation"])["train"]
+    rows = [r for r in rows if r["task"] == "colour"][:6]
+    image_dir = path.parent / "pope_images"
+    image_dir.mkdir()
+    lines = []
+    for i, row in enumerate(rows):
+        row["image"].save(image_dir / f"{i}.png")
+        other = "blue" if row["target"] != "blue" else "red"
+        for colour, label in ((row["target"], "yes"), (other, "no")):
+            question = f"Is there a {colour} shape in the image?"
+            lines.append(json.dumps({"image": f"pope_images/{i}.png", "question": question, "label": label}))
+    path.write_text("\n".join(lines) + "\n")
+
+
+def test_table_shows_tuned_adapters_beat_the_base(evaluated):
+    run, out, stdout = evaluated
+    results = json.loads((out / "results.json").read_text())["rows"]
+    base, best, final = results["base"], results[str(run / "best")], results[str(run / "final")]
+    for tuned in (best, final):
+        assert tuned["accuracy"] > base["accuracy"] + 0.2
+        assert tuned["loss"] < base["loss"]
+    assert "| base |" in stdout and "ORPO loss (λ = 1)" in (out / "results.md").read_text()
+    assert (out / "results.csv").read_text().startswith("name,loss,sft_loss,or_loss,accuracy")
+    assert Image.open(out / "results.png").size[0] > 500
+
+
+def test_per_pair_file_matches_a_plain_forward(evaluated, asset_cache, tiny_processor):
+    from transformers import AutoModelForImageTextToText
+
+    from vlm_orpo.data.packing import EncodedPair
+    from vlm_orpo.modeling.reference import plain_logps
+
+    run, out, _ = evaluated
+    records = [json.loads(line) for line in (out / "pairs.jsonl").read_text().splitlines()]
+    assert [r["model"] for r in records].count("base") == 24 and len(records) == 72
+    keys = {"model", "idx", "prompt_ids", "chosen_ids", "rejected_ids", "chosen_logp", "rejected_logp",
+            "log_odds", "sft_loss", "or_loss"}
+    assert all(set(r) == keys for r in records)
+
+    # Recompute the base rows with the plain two-sequence forward, from the ids in the file.
+    from vlm_orpo.config import DataConfig
+    from vlm_orpo.data.packing import PairEncoder, load_pairs
+
+    encoder = PairEncoder(tiny_processor, 32)
+    _, validation, _ = load_pairs(DataConfig(validation_split="validation", where={"task": "colour"}), encoder,
+                                  train=False, limit=24)
+    images = {validation.rows[i]["idx"]: validation[i].image_inputs for i in range(4)}
+    model = AutoModelForImageTextToText.from_pretrained(asset_cache["tiny_model"]).eval()
+    base = [r for r in records if r["model"] == "base"][:4]
+    pairs = [EncodedPair(r["idx"], r["prompt_ids"], r["chosen_ids"], r["rejected_ids"], images[r["idx"]]) for r in base]
+    with torch.no_grad():
+        plain = plain_logps(model, pairs, tiny_processor.tokenizer.pad_token_id)
+    torch.testing.assert_close(plain.chosen, torch.tensor([r["chosen_logp"] for r in base]), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(plain.rejected, torch.tensor([r["rejected_logp"] for r in base]), rtol=1e-5, atol=1e-5)
+
+
+class _Images(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.sources = []
+
+    def handle_starttag(self, tag, attrs):
+        if tag == "img":
+            self.sources.append(dict(attrs)["src"])
+
+
+def test_generations_html_shows_images_and_hallucination_rates(evaluated, tmp_path):
+    _, out, stdout = evaluated
+    page = (out / "generations.html").read_text()
+    parser = _Images()
+    parser.feed(page)
+    assert len(parser.sources) == 4
+    for src in parser.sources:
+        header, data = src.split(",", 1)
+        assert header == "data:image/png;base64"
+        assert Image.open(io.BytesIO(base64.b64decode(data))).size[0] > 0
+    assert "hallucination rate (synthetic task)" in stdout and "Hallucination rate" in page
+    chromium = shutil.which("chromium")
+    if chromium:  # the page also opens in a real browser and renders pictures
+        shot = tmp_path / "page.png"
+        subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                        f"--user-data-dir={tmp_path / 'profile'}", f"--screenshot={shot}", "--window-size=1200,900",
+                        (out / "generations.html").as_uri()], capture_output=True, timeout=120)
+        colours = Image.open(shot).convert("RGB").getcolors(1 << 20)
+        assert colours is None or len(colours) > 20  # more than text on white: images rendered
+
+
+def test_pope_metrics_reported(evaluated):
+    run, out, stdout = evaluated
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    for metrics in rows.values():
+        assert 0 <= metrics["pope_f1"] <= 1 and 0 <= metrics["pope_accuracy"] <= 1
+    assert "| Name | POPE accuracy |" in stdout
+
+
+def test_bad_adapter_path_is_a_clear_error(asset_cache, tmp_path):
+    result = run_cli("evaluate", "--config", QUICKSTART, "--adapters", str(tmp_path / "missing"), "--limit", "2")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "adapter not found" in result.stderr
+    (tmp_path / "empty").mkdir()
+    result = run_cli("evaluate", "--config", QUICKSTART, "--adapters", str(tmp_path / "empty"), "--limit", "2")
+    assert result.returncode == 2 and "not a PEFT adapter directory" in result.stderr
+
+
+def test_bad_rows_are_reported_row_by_row_without_traceback(asset_cache, tmp_path):
+    good = datasets.load_dataset("parquet", data_files=asset_cache["validation"])["train"].select(range(3))
+    rows = [dict(r) for r in good.cast_column("image", datasets.Image(decode=False))]
+    rows[0]["image"] = {"bytes": b"\x89PNG broken", "path": None}
+    rows[1]["chosen"] = ""
+    rows[2]["rejected"] = rows[2]["chosen"]
+    extra = dict(good.cast_column("image", datasets.Image(decode=False))[0])
+    path = tmp_path / "bad.parquet"
+    datasets.Dataset.from_list(rows + [extra]).cast_column("image", datasets.Image()).to_parquet(str(path))
+    result = run_cli("evaluate", "--config", QUICKSTART, "--data", str(path), "--split", "train",
+                     "data.where={}", "--out", str(tmp_path / "out"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    log = result.stderr
+    assert "row 0" in log and "undecodable image" in log
+    assert "row 1" in log and "empty chosen" in log
+    assert "row 2" in log and "chosen identical to rejected" in log
+    assert "kept train 1; skipped 3" in result.stdout
