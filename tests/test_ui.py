@@ -227,6 +227,17 @@ def test_judgments_are_training_data(tmp_path, red_png):
     assert open_image(rows[0]["image"], rows.base_dir).size == (96, 64)
 
 
+def test_judgments_encode_for_training_from_any_folder(tmp_path, red_png, tiny_processor, monkeypatch):
+    from vlm_orpo.data.packing import PairEncoder
+    from vlm_orpo.data.sources import prepare_data
+
+    log = ui.JudgmentLog(tmp_path / "data" / "judgments.jsonl")
+    log.append(Image.open(red_png).convert("RGB"), "What color is it?", "Red.", "Blue.")
+    monkeypatch.chdir(tmp_path)  # not the data folder
+    rows = prepare_data(str(log.path)).train
+    assert PairEncoder(tiny_processor).encode(rows[0]).prompt_ids
+
+
 def test_security_defaults_and_argument_errors(endpoints):
     base, tuned = endpoints
     args = chat_args("--endpoint", base.url)

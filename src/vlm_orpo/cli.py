@@ -51,13 +51,6 @@ def cmd_evaluate(args) -> None:
     run_evaluate(args)
 
 
-def not_built(name: str, issue: int):
-    def run(args) -> None:
-        raise ConfigError(f"`vlm-orpo {name}` is not built yet (tracked in issue {issue})")
-
-    return run
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="vlm-orpo", description="ORPO preference fine-tuning for vision-language models."
@@ -86,14 +79,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pope", help="POPE-style file (image, question, label yes/no) to score hallucination")
     p.set_defaults(func=cmd_evaluate)
 
-    for name, issue, text in (
-        ("merge", 7, "merge a LoRA adapter into its base model"),
-        ("quantize", 7, "quantize a merged model with llm-compressor"),
-        ("serve", 7, "serve a model with vLLM's OpenAI-compatible server"),
-        ("chat", 7, "Gradio chat against an OpenAI-compatible endpoint"),
+    from vlm_orpo.export import add_merge_arguments, run_merge
+    from vlm_orpo.quantize import add_quantize_arguments, run_quantize
+    from vlm_orpo.serve import add_serve_arguments, run_serve
+    from vlm_orpo.ui import add_chat_arguments, run_chat
+
+    for name, text, add_arguments, run in (
+        ("merge", "merge a LoRA adapter into its base model (loads in transformers and vLLM)", add_merge_arguments, run_merge),
+        ("quantize", "quantize a merged model with llm-compressor (compressed-tensors)", add_quantize_arguments, run_quantize),
+        ("serve", "serve a model with vLLM's OpenAI-compatible server", add_serve_arguments, run_serve),
+        ("chat", "Gradio chat against an OpenAI-compatible endpoint; compare and judge", add_chat_arguments, run_chat),
     ):
-        p = sub.add_parser(name, help=f"{text} (not built yet)")
-        p.set_defaults(func=not_built(name, issue))
+        p = sub.add_parser(name, help=text)
+        add_arguments(p)
+        p.set_defaults(func=run)
 
     p = sub.add_parser("assets", help="build (if needed) and show the bundled tiny model and synthetic data")
     p.add_argument("--json", action="store_true", help='print {"tiny_model": DIR, "train": PATH, "validation": PATH}')

@@ -67,6 +67,17 @@ def open_image(value, base_dir: Path | None = None) -> Image.Image:
     return image if image.mode == "RGB" else image.convert("RGB")
 
 
+def resolve_image_path(value, base_dir: Path | None):
+    """Relative image paths are relative to the data file's folder, wherever the process runs."""
+    if base_dir is None:
+        return value
+    if isinstance(value, dict) and not value.get("bytes") and value.get("path"):
+        value = value["path"]
+    if isinstance(value, (str, os.PathLike)) and not Path(value).is_absolute():
+        return str(Path(base_dir) / value)
+    return value
+
+
 def _text(value) -> str | None:
     """An answer as plain text: a string, or TRL's chat form (a list of messages with text content)."""
     if value is None:
@@ -134,7 +145,9 @@ class CanonicalRows:
         return self.dataset[self.indices[i]]
 
     def __getitem__(self, i: int) -> dict:
-        return canonical_row(self.raw(i), self.columns, self.indices[i], self.has_idx)
+        row = canonical_row(self.raw(i), self.columns, self.indices[i], self.has_idx)
+        row["image"] = resolve_image_path(row["image"], self.base_dir)
+        return row
 
     def subset(self, positions: list[int]) -> "CanonicalRows":
         return CanonicalRows(self.dataset, self.columns, [self.indices[p] for p in positions], self.base_dir)
