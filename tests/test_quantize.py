@@ -168,22 +168,22 @@ print(json.dumps({
 """
 
 
-CASES = {  # scheme: (checkpoint naming of the input, safetensors dtype of quantized weights)
-    "W8A8": ("hf", "I8"),
-    "FP8_DYNAMIC": ("vllm", "F8_E4M3"),
-}
+# (scheme, naming of the input checkpoint): "tiny" is the bundled model dir itself; "vllm" is a copy with vision
+# keys as vLLM names them (`vision_tower.vision_model.*`), as `merge` writes them for serving
+CASES = [("W8A8", "tiny"), ("FP8_DYNAMIC", "vllm"), ("W8A8", "vllm")]
+WEIGHT_DTYPE = {"W8A8": "I8", "FP8_DYNAMIC": "F8_E4M3"}
 
 
 @pytest.fixture(scope="module")
 def quantized(quantize_python, asset_cache, tmp_path_factory):
-    """Run `python -m vlm_orpo.quantize` once per scheme; returns (input dir, output dir, stderr)."""
-    done: dict[str, tuple[str, Path, str]] = {}
+    """Run `python -m vlm_orpo.quantize` once per case; returns (input dir, output dir, stderr)."""
+    done: dict[tuple[str, str], tuple[str, Path, str]] = {}
 
-    def get(scheme: str) -> tuple[str, Path, str]:
-        if scheme not in done:
-            root = tmp_path_factory.mktemp(scheme)
+    def get(scheme: str, naming: str) -> tuple[str, Path, str]:
+        if (scheme, naming) not in done:
+            root = tmp_path_factory.mktemp(f"{scheme}-{naming}")
             model_dir = asset_cache["tiny_model"]
-            if CASES[scheme][0] == "vllm":
+            if naming == "vllm":
                 model_dir = str(vllm_named_copy(model_dir, root / "merged"))
             out = root / "quantized"
             cmd = [sys.executable, "-m", "vlm_orpo.quantize", "--model", model_dir, "--scheme", scheme,
@@ -192,8 +192,8 @@ def quantized(quantize_python, asset_cache, tmp_path_factory):
             run = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=900)
             assert run.returncode == 0, run.stderr[-4000:]
             assert f"{scheme} checkpoint (compressed-tensors) written to {out}" in run.stdout
-            done[scheme] = (model_dir, out, run.stderr)
-        return done[scheme]
+            done[scheme, naming] = (model_dir, out, run.stderr)
+        return done[scheme, naming]
 
     return get
 
@@ -202,13 +202,13 @@ ENV = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("scheme", list(CASES))
-def test_quantize_end_to_end(scheme, quantized, quantize_python):
+@pytest.mark.parametrize("scheme, naming", CASES)
+def test_quantize_end_to_end(scheme, naming, quantized, quantize_python):
     from safetensors import safe_open
     from transformers import AutoConfig
 
-    naming, weight_dtype = CASES[scheme]
-    model_dir, out, log = quantized(scheme)
+    weight_dtype = WEIGHT_DTYPE[scheme]
+    model_dir, out, log = quantized(scheme, naming)
     calibrated = re.search(r"calibration data: kept train 16; no rows skipped", log)  # 2 x 8 rows read
     assert bool(calibrated) == quantize.calibrates(scheme)
 
@@ -270,13 +270,13 @@ if __name__ == "__main__":  # vLLM starts its engine in a spawned process
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("scheme", list(CASES))
+@pytest.mark.parametrize("scheme", ["W8A8", "FP8_DYNAMIC"])
 def test_vllm_serves_the_checkpoint(scheme, quantized, tmp_path):
     """Written with compressed-tensors 0.19, read by vLLM 0.32 (0.17): the quantized kernels run."""
     python = serve_python()
     if python is None:
         pytest.skip("no vLLM env (VLM_ORPO_SERVE_PYTHON or .venv-serve made by the serve setup)")
-    _, out, _ = quantized(scheme)
+    _, out, _ = quantized(scheme, "vllm")  # vLLM reads vision keys as `vision_tower.vision_model.*` only
     script = tmp_path / "vllm_chat.py"
     script.write_text(VLLM_CHAT)
     env = {**ENV, "VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1"}

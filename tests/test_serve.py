@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import importlib.util
 import io
 import json
 import os
@@ -113,25 +114,48 @@ def test_model_directory_checks(tmp_path):
     (adapter / "adapter_config.json").write_text("{}")
     with pytest.raises(ConfigError, match="vlm-orpo merge"):
         command(tmp_path, "--model", str(adapter))
-    cmd, env = command(tmp_path, "--model", "llava-hf/llava-1.5-7b-hf")  # hub names are vLLM's to check
-    assert cmd[cmd.index("--model") + 1] == "llava-hf/llava-1.5-7b-hf" and "HF_HUB_OFFLINE" not in env or True
+    cmd, _ = command(tmp_path, "--model", "llava-hf/llava-1.5-7b-hf")  # hub names are vLLM's to check
+    assert cmd[cmd.index("--model") + 1] == "llava-hf/llava-1.5-7b-hf"
 
 
-def test_unmerged_adapters_only_where_vllm_has_lora(tmp_path):
+def test_unmerged_adapter_flags(tmp_path):
     from safetensors.torch import save_file
 
     adapter = tmp_path / "best"
     adapter.mkdir()
     (adapter / "adapter_config.json").write_text(json.dumps({"r": 8, "modules_to_save": None}))
+    with pytest.raises(ConfigError, match="no adapter_model.safetensors"):
+        command(tmp_path, "--model", str(model_dir(tmp_path / "base")), "--adapter", str(adapter))
     save_file({"w": torch.zeros(1)}, adapter / "adapter_model.safetensors")
-    with pytest.raises(ConfigError, match="vlm-orpo merge"):
-        command(tmp_path, "--model", str(model_dir(tmp_path / "next")), "--adapter", str(adapter))
-    cmd, _ = command(tmp_path, "--model", str(model_dir(tmp_path / "v15", "llava")), "--adapter", str(adapter))
+    cmd, _ = command(tmp_path, "--model", str(tmp_path / "base"), "--adapter", str(adapter))
     assert cmd[cmd.index("--lora-modules") + 1] == f"best={adapter}" and "--enable-lora" in cmd
     assert cmd[cmd.index("--max-lora-rank") + 1] == "8"
     (adapter / "adapter_config.json").write_text(json.dumps({"r": 8, "modules_to_save": ["multi_modal_projector"]}))
     with pytest.raises(ConfigError, match="merge it"):
-        command(tmp_path, "--model", str(tmp_path / "v15"), "--adapter", str(adapter))
+        command(tmp_path, "--model", str(tmp_path / "base"), "--adapter", str(adapter))
+
+
+def vllm_layout_copy(model: str, out: Path) -> Path:
+    """A copy of a transformers-5-saved LLaVA in the tensor layout vLLM loads."""
+    import shutil
+
+    from vlm_orpo.export import rename_for_vllm
+
+    shutil.copytree(model, out)
+    assert rename_for_vllm(out, "llava") > 0
+    return out
+
+
+def test_transformers5_layout_is_refused_and_bos_is_added_to_the_served_template(asset_cache, tmp_path):
+    with pytest.raises(ConfigError, match="vLLM refuses"):
+        command(tmp_path, "--model", asset_cache["tiny_model"])
+    base = vllm_layout_copy(asset_cache["tiny_model"], tmp_path / "base")
+    (tmp_path / "run-tmp").mkdir()
+    cmd, _ = command(tmp_path, "--model", str(base))
+    template = Path(cmd[cmd.index("--chat-template") + 1])
+    assert template.parent == tmp_path / "run-tmp" and template.read_text().startswith("{{- bos_token -}}")
+    (base / "chat_template.jinja").write_text(template.read_text())  # as `vlm-orpo merge` saves it
+    assert "--chat-template" not in command(tmp_path, "--model", str(base))[0]
 
 
 def test_finding_the_vllm_interpreter(tmp_path, monkeypatch):
@@ -190,6 +214,16 @@ def test_sigterm_stops_the_server_and_its_workers(tmp_path):
     assert not list(tmp_path.glob("vlm-orpo-vllm-*"))  # the per-run temp directory is removed
 
 
+def test_a_server_that_ignores_sigterm_is_killed_after_the_grace_period(monkeypatch):
+    import threading
+
+    monkeypatch.setattr(serve, "STOP_GRACE_S", 1)
+    threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGTERM)).start()  # what a service manager sends us
+    start = time.monotonic()
+    assert serve.run_until_stopped(["bash", "-c", "trap '' TERM; sleep 60 & wait"], dict(os.environ)) == 0
+    assert time.monotonic() - start < 10
+
+
 # --------------------------------------------------------------------------- end to end
 
 
@@ -200,6 +234,7 @@ def trained_merged(asset_cache, tmp_path_factory):
 
     run = tmp_path_factory.mktemp("run")
     overrides = ["training.max_steps=3", "training.per_device_train_batch_size=4", "data.eval_limit=8",
+                 "lora.train_projector=false",  # a plain LoRA, which vLLM can also serve unmerged
                  "training.eval_strategy='no'", "training.save_strategy='no'", f"training.output_dir={run}"]
     subprocess.run([sys.executable, "-m", "vlm_orpo.cli", "train", "--config", str(ROOT / "configs/quickstart.yaml"),
                     *overrides], check=True, capture_output=True)
@@ -287,8 +322,9 @@ class Server:
         self.url = f"http://127.0.0.1:{self.port}/v1"
         self.tmp = Path(tempfile.mkdtemp(prefix="vo-"))  # short: vLLM's IPC socket paths live here
         self.log_path = workdir / f"serve-{self.port}.log"
-        env = {**os.environ, **({"VLLM_API_KEY": api_key} if api_key else {})}
-        env.pop("VLLM_API_KEY", None) if not api_key else None
+        env = {k: v for k, v in os.environ.items() if k != "VLLM_API_KEY"}
+        if api_key:
+            env["VLLM_API_KEY"] = api_key  # as the docs advise: the environment keeps it out of `ps`
         cmd = [sys.executable, "-m", "vlm_orpo.serve", "--model", str(model), "--port", str(self.port),
                "--cache-dir", str(workdir / "vllm-cache"), "--tmp-dir", str(self.tmp), *argv]
         with open(self.log_path, "w") as log:
@@ -325,8 +361,10 @@ class Server:
         self.tmp.rmdir()
 
     def kill(self) -> None:
+        """After a failure: leave nothing running."""
         if self.proc.poll() is None:
-            os.killpg(os.getpgid(children(self.proc.pid)[0]), signal.SIGKILL) if children(self.proc.pid) else None
+            for child in children(self.proc.pid):
+                os.killpg(os.getpgid(child), signal.SIGKILL)
             self.proc.kill()
             self.proc.wait()
 
@@ -339,37 +377,63 @@ def chat_body(model: str, sample, max_tokens: int = 16) -> dict:
             "max_tokens": max_tokens, "logprobs": True, "return_token_ids": True}
 
 
-@pytest.mark.slow
-def test_vllm_serves_the_merged_model_like_transformers(serve_python, trained_merged, sample, tmp_path):
+@pytest.fixture(scope="module")
+def greedy(trained_merged, sample) -> dict:
+    """transformers' greedy answer from the merged model: prompt ids, answer ids, their log-probs, text."""
     from transformers import AutoModelForImageTextToText
 
-    _, merged = trained_merged
-    server = Server(merged, tmp_path, "--dtype", "float32", api_key="test-key")
-    try:
-        print(f"vLLM ready in {server.wait_ready():.0f} s")
-        assert [m["id"] for m in server.request("/models")["data"]] == ["tiny-orpo"]
-        with pytest.raises(urllib.error.HTTPError, match="401"):
-            server.request("/models", api_key="wrong")
-        start = time.monotonic()
-        reply = server.request("/chat/completions", chat_body("tiny-orpo", sample))
-        print(f"chat request: {time.monotonic() - start:.2f} s")
-        server.stop()
-    finally:
-        server.kill()
-
+    merged = trained_merged[1]
     processor, inputs = chat_inputs(merged, sample)
     model = AutoModelForImageTextToText.from_pretrained(merged)
     out = model.generate(**inputs, max_new_tokens=16, do_sample=False, output_scores=True,
                          return_dict_in_generate=True)
     ids = out.sequences[0, inputs["input_ids"].shape[1]:].tolist()
     logprobs = [torch.log_softmax(s[0].float(), -1)[t].item() for s, t in zip(out.scores, ids)]
+    return {"prompt_ids": inputs["input_ids"][0].tolist(), "ids": ids, "logprobs": logprobs,
+            "text": processor.decode(ids, skip_special_tokens=True)}
 
+
+def assert_same_answer(reply: dict, greedy: dict) -> None:
     choice = reply["choices"][0]
-    assert reply["prompt_token_ids"] == inputs["input_ids"][0].tolist()  # same template, BOS and image tokens
-    assert choice["token_ids"] == ids, (choice["message"]["content"], processor.decode(ids))
-    assert choice["message"]["content"] == processor.decode(ids, skip_special_tokens=True)
-    served = [t["logprob"] for t in choice["logprobs"]["content"]]
-    assert served == pytest.approx(logprobs, abs=1e-3)
+    print(f"greedy answer: {choice['message']['content']!r}")
+    assert reply["prompt_token_ids"] == greedy["prompt_ids"]  # same template, BOS and image tokens
+    assert choice["token_ids"] == greedy["ids"], (choice["message"]["content"], greedy["text"])
+    assert choice["message"]["content"] == greedy["text"]
+    assert [t["logprob"] for t in choice["logprobs"]["content"]] == pytest.approx(greedy["logprobs"], abs=1e-3)
+
+
+@pytest.mark.slow
+def test_vllm_serves_the_merged_model_like_transformers(serve_python, trained_merged, sample, greedy, tmp_path):
+    server = Server(trained_merged[1], tmp_path, "--dtype", "float32", api_key="test-key")
+    try:
+        print(f"vLLM ready in {server.wait_ready():.0f} s")
+        assert [m["id"] for m in server.request("/models")["data"]] == ["tiny-orpo"]
+        with pytest.raises(urllib.error.HTTPError, match="401"):
+            server.request("/models", api_key="wrong")
+        for attempt in ("first", "second"):
+            start = time.monotonic()
+            reply = server.request("/chat/completions", chat_body("tiny-orpo", sample))
+            print(f"{attempt} chat request: {time.monotonic() - start:.2f} s")
+        server.stop()
+    finally:
+        server.kill()
+    assert_same_answer(reply, greedy)
+
+
+@pytest.mark.slow
+def test_vllm_serves_the_adapter_unmerged_like_the_merged_model(serve_python, trained_merged, sample, greedy,
+                                                                 asset_cache, tmp_path):
+    adapter = trained_merged[0]
+    base = vllm_layout_copy(asset_cache["tiny_model"], tmp_path / "base")
+    server = Server(base, tmp_path, "--dtype", "float32", "--adapter", str(adapter))
+    try:
+        print(f"vLLM ready in {server.wait_ready():.0f} s")
+        assert {m["id"] for m in server.request("/models")["data"]} == {"base", adapter.name}
+        reply = server.request("/chat/completions", chat_body(adapter.name, sample))
+        server.stop()
+    finally:
+        server.kill()
+    assert_same_answer(reply, greedy)
 
 
 @pytest.fixture(scope="module")
@@ -378,7 +442,7 @@ def w4a16(trained_merged, tmp_path_factory):
     from vlm_orpo import quantize
 
     try:
-        if importlib_missing("llmcompressor"):
+        if importlib.util.find_spec("llmcompressor") is None:
             quantize.quantize_python(None)
     except ConfigError as exc:
         if os.environ.get("VLM_ORPO_REQUIRE_QUANTIZE"):
@@ -388,12 +452,6 @@ def w4a16(trained_merged, tmp_path_factory):
     subprocess.run([sys.executable, "-m", "vlm_orpo.quantize", "--model", str(trained_merged[1]), "--scheme", "W4A16",
                     "--out", str(out)], check=True, capture_output=True)
     return out
-
-
-def importlib_missing(name: str) -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec(name) is None
 
 
 @pytest.mark.slow

@@ -1,8 +1,9 @@
 """`vlm-orpo merge`: fold a LoRA adapter into its base model and save a plain checkpoint for serving.
 
-vLLM 0.32 has no LoRA support for LLaVA-NeXT, so merged weights are how we serve it. The output is one
-directory with safetensors weights, config, generation config, processor and chat template, loadable by both
-transformers (`AutoModelForImageTextToText`) and vLLM.
+Merged weights serve anywhere, at full speed, and are the only way to serve an adapter that also trained the
+projector (PEFT's `modules_to_save`, which vLLM's LoRA cannot apply). The output is one directory with
+safetensors weights, config, generation config, processor and chat template, loadable by both transformers
+(`AutoModelForImageTextToText`) and vLLM.
 """
 
 from __future__ import annotations
@@ -12,10 +13,7 @@ import logging
 import re
 from pathlib import Path
 
-import torch
-
 from vlm_orpo.config import ConfigError, ModelConfig
-from vlm_orpo.modeling.load import load_processor, model_family, resolve_model_path
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +23,7 @@ MERGE_RECORD = "vlm_orpo_merge.json"
 # vLLM's LLaVA loaders only accept the original hub layout `vision_tower.vision_model.*` and refuse the
 # checkpoint otherwise. transformers reads both layouts, so we write the one both accept.
 VLLM_KEY_RENAMES = {
-    "llava": [(re.compile(r"^vision_tower\.(?!vision_model\.)"), "vision_tower.vision_model.")],
+    "llava": [(re.compile(r"^((?:model\.)?vision_tower\.)(?!vision_model\.)"), r"\1vision_model.")],
 }
 
 
@@ -74,8 +72,11 @@ def merge_adapter(
     from peft import PeftModel
     from transformers import AutoModelForImageTextToText
 
+    from vlm_orpo.modeling.load import load_processor, model_family, resolve_model_path
+
     adapter, out = Path(adapter).expanduser(), Path(out).expanduser()
-    cfg = ModelConfig(name_or_path=base or adapter_base(adapter), revision=revision, trust_remote_code=trust_remote_code)
+    base = base or adapter_base(adapter)
+    cfg = ModelConfig(name_or_path=base, revision=revision, trust_remote_code=trust_remote_code)
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise ConfigError(f"output directory {out} is not empty; pass --overwrite to replace its files")
     family = model_family(cfg)
@@ -129,18 +130,22 @@ def template_adds_bos(processor) -> bool:
     return True
 
 
+def vllm_name(key: str, family: str) -> str:
+    """The tensor name vLLM loads for a checkpoint tensor name."""
+    for pattern, replacement in VLLM_KEY_RENAMES.get(family, []):
+        key = pattern.sub(replacement, key)
+    return key
+
+
 def rename_for_vllm(model_dir: str | Path, family: str) -> int:
     """Rewrite tensor names in every safetensors shard (and the index) to the layout vLLM loads. Returns count."""
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    rules = VLLM_KEY_RENAMES.get(family, [])
     model_dir = Path(model_dir)
 
     def rename(key: str) -> str:
-        for pattern, replacement in rules:
-            key = pattern.sub(replacement, key)
-        return key
+        return vllm_name(key, family)
 
     renamed = 0
     for shard in sorted(model_dir.glob("*.safetensors")):

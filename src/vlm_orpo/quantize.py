@@ -153,8 +153,9 @@ def build_recipe(scheme: str, ignore: list[str], language_model: str = "language
         from llmcompressor.modifiers.transform.smoothquant import SmoothQuantModifier
         from llmcompressor.modifiers.transform.smoothquant.utils import DEFAULT_SMOOTHQUANT_MAPPINGS
 
-        # llm-compressor's Llama/Mistral mappings, kept inside the decoder: the vision tower has q/k/v_proj too
-        scope = lambda pattern: pattern.replace("re:.*", f"re:.*{language_model}\\..*", 1)  # noqa: E731
+        def scope(pattern: str) -> str:  # llm-compressor's Llama/Mistral mappings, kept inside the decoder:
+            return pattern.replace("re:.*", f"re:.*{language_model}\\..*", 1)  # the vision tower has q_proj too
+
         mappings = [[[scope(b) for b in m.balance_layers], scope(m.smooth_layers)]
                     for m in DEFAULT_SMOOTHQUANT_MAPPINGS]
         recipe.insert(0, SmoothQuantModifier(smoothing_strength=0.8, mappings=mappings, ignore=ignore))
@@ -202,7 +203,7 @@ def add_ignore_patterns(config_path: Path, patterns: list[str]) -> None:
     config = json.loads(config_path.read_text())
     quant = config["quantization_config"]
     quant["ignore"] = [*patterns, *(name for name in quant.get("ignore", []) if name not in patterns)]
-    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    config_path.write_text(json.dumps(config, indent=2) + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:

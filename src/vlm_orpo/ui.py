@@ -30,7 +30,6 @@ from typing import Iterator
 from vlm_orpo.config import ConfigError
 
 log = logging.getLogger(__name__)
-os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home from a local tool
 
 API_KEY_ENV = "VLM_ORPO_API_KEY"
 DATA_URL = re.compile(r"data:image/[\w.+-]+;base64,[A-Za-z0-9+/]+={0,2}")
@@ -261,12 +260,12 @@ def build_app(
     max_bytes = int(max_upload_mb * 2**20)
     title = "vlm-orpo chat"
     if compare is None:
-        with gr.Blocks(title=title) as app:
+        with gr.Blocks(title=title, analytics_enabled=False) as app:  # no calls home
             gr.Markdown(f"### {title} · `{endpoint.url}`")
             _chat(endpoint, max_bytes)
         return app
     log_file = JudgmentLog(judgments or "judgments.jsonl")
-    with gr.Blocks(title=title) as app:
+    with gr.Blocks(title=title, analytics_enabled=False) as app:  # no calls home
         gr.Markdown(f"### {title} · compare · judgments → `{log_file.path}`")
         _compare(endpoint, compare, log_file, max_bytes)
     return app
@@ -291,7 +290,8 @@ def _chat(endpoint: Endpoint, max_bytes: int) -> None:
         file_types=["image"], placeholder="Ask about an image (upload, drop, or paste a data: URL)",
         elem_id="chat-input",
     )
-    gr.ChatInterface(respond, multimodal=True, textbox=textbox, chatbot=gr.Chatbot(elem_id="chatbot", height=420))
+    gr.ChatInterface(respond, multimodal=True, textbox=textbox, chatbot=gr.Chatbot(elem_id="chatbot", height=420),
+                     analytics_enabled=False)
 
 
 def _compare(a: Endpoint, b: Endpoint, log_file: JudgmentLog, max_bytes: int) -> None:
