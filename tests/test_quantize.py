@@ -176,7 +176,7 @@ WEIGHT_DTYPE = {"W8A8": "I8", "FP8_DYNAMIC": "F8_E4M3"}
 
 @pytest.fixture(scope="module")
 def quantized(quantize_python, asset_cache, tmp_path_factory):
-    """Run `python -m vlm_orpo.quantize` once per case; returns (input dir, output dir, stderr)."""
+    """Run `python -m vlm_orpo.cli quantize` once per case; returns (input dir, output dir, stderr)."""
     done: dict[tuple[str, str], tuple[str, Path, str]] = {}
 
     def get(scheme: str, naming: str) -> tuple[str, Path, str]:
@@ -186,7 +186,7 @@ def quantized(quantize_python, asset_cache, tmp_path_factory):
             if naming == "vllm":
                 model_dir = str(vllm_named_copy(model_dir, root / "merged"))
             out = root / "quantized"
-            cmd = [sys.executable, "-m", "vlm_orpo.quantize", "--model", model_dir, "--scheme", scheme,
+            cmd = [sys.executable, "-m", "vlm_orpo.cli", "quantize", "--model", model_dir, "--scheme", scheme,
                    "--out", str(out), "--data", asset_cache["train"], "--num-samples", "8",
                    "--max-answer-tokens", "32"]
             run = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=900)

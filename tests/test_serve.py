@@ -196,7 +196,7 @@ def test_sigterm_stops_the_server_and_its_workers(tmp_path):
     fake.write_text(FAKE_VLLM)
     fake.chmod(0o755)
     pids = tmp_path / "pids"
-    cmd = [sys.executable, "-m", "vlm_orpo.serve", "--model", str(model_dir(tmp_path / "m")), "--python", str(fake),
+    cmd = [sys.executable, "-m", "vlm_orpo.cli", "serve", "--model", str(model_dir(tmp_path / "m")), "--python", str(fake),
            "--cache-dir", str(tmp_path / "cache"), "--tmp-dir", str(tmp_path)]
     proc = subprocess.Popen(cmd, env={**os.environ, "FAKE_PIDS": str(pids)})
     try:
@@ -315,7 +315,7 @@ def children(pid: int) -> list[int]:
 
 
 class Server:
-    """`python -m vlm_orpo.serve` on a free loopback port, as a user runs `vlm-orpo serve`."""
+    """`python -m vlm_orpo.cli serve` on a free loopback port, as a user runs `vlm-orpo serve`."""
 
     def __init__(self, model: Path, workdir: Path, *argv: str, api_key: str | None = None):
         self.port, self.api_key = free_port(), api_key
@@ -325,7 +325,7 @@ class Server:
         env = {k: v for k, v in os.environ.items() if k != "VLLM_API_KEY"}
         if api_key:
             env["VLLM_API_KEY"] = api_key  # as the docs advise: the environment keeps it out of `ps`
-        cmd = [sys.executable, "-m", "vlm_orpo.serve", "--model", str(model), "--port", str(self.port),
+        cmd = [sys.executable, "-m", "vlm_orpo.cli", "serve", "--model", str(model), "--port", str(self.port),
                "--cache-dir", str(workdir / "vllm-cache"), "--tmp-dir", str(self.tmp), *argv]
         with open(self.log_path, "w") as log:
             self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
@@ -449,7 +449,7 @@ def w4a16(trained_merged, tmp_path_factory):
             pytest.fail(f"VLM_ORPO_REQUIRE_QUANTIZE is set but there is no llm-compressor: {exc}")
         pytest.skip(f"no llm-compressor to quantize with ({exc})")
     out = tmp_path_factory.mktemp("quantized") / "tiny-orpo-w4a16"
-    subprocess.run([sys.executable, "-m", "vlm_orpo.quantize", "--model", str(trained_merged[1]), "--scheme", "W4A16",
+    subprocess.run([sys.executable, "-m", "vlm_orpo.cli", "quantize", "--model", str(trained_merged[1]), "--scheme", "W4A16",
                     "--out", str(out)], check=True, capture_output=True)
     return out
 

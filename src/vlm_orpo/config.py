@@ -108,7 +108,7 @@ class OrpoTrainingArguments(TrainingArguments):
     def __post_init__(self):
         _check(self.learning_rate > 0, f"training.learning_rate must be positive, got {self.learning_rate}")
         _check(self.orpo_lambda >= 0, f"training.orpo_lambda must be >= 0, got {self.orpo_lambda}")
-        _check(self.best_metric in ("loss", "accuracy"), f"training.best_metric must be loss or accuracy")
+        _check(self.best_metric in ("loss", "accuracy"), "training.best_metric must be loss or accuracy")
         _check(self.per_device_train_batch_size > 0, "training.per_device_train_batch_size must be positive")
         _check(self.gradient_accumulation_steps > 0, "training.gradient_accumulation_steps must be positive")
         super().__post_init__()

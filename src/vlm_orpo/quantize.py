@@ -86,7 +86,7 @@ def run_quantize(args) -> None:
             raise ConfigError(f"{sys.executable} has no llm-compressor; {SETUP_HINT}")
         python = quantize_python(args.python)
         log.info("llm-compressor is not in this env: running in %s", python)
-        cmd = [python, "-m", "vlm_orpo.quantize", *_to_argv(args)]
+        cmd = [python, "-m", "vlm_orpo.cli", "quantize", *_to_argv(args)]
         code = subprocess.run(cmd, env={**os.environ, CHILD_ENV: "1"}).returncode
         if code:
             raise SystemExit(code)
@@ -204,23 +204,3 @@ def add_ignore_patterns(config_path: Path, patterns: list[str]) -> None:
     quant = config["quantization_config"]
     quant["ignore"] = [*patterns, *(name for name in quant.get("ignore", []) if name not in patterns)]
     config_path.write_text(json.dumps(config, indent=2) + "\n")
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m vlm_orpo.quantize`: what `vlm-orpo quantize` runs inside the quantize venv."""
-    parser = argparse.ArgumentParser(prog="vlm-orpo quantize", description=__doc__.splitlines()[0])
-    add_quantize_arguments(parser)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    from vlm_orpo.data.sources import DataError
-
-    try:
-        run_quantize(args)
-    except (ConfigError, DataError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -325,23 +325,3 @@ def _reap_group(pgid: int) -> None:
         os.killpg(pgid, signal.SIGKILL)
     except ProcessLookupError:
         pass
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m vlm_orpo.serve`: the same as `vlm-orpo serve`."""
-    import argparse
-
-    parser = argparse.ArgumentParser(prog="vlm-orpo serve", description=__doc__.splitlines()[0])
-    add_serve_arguments(parser)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        run_serve(args)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
