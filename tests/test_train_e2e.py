@@ -126,3 +126,17 @@ def test_ddp_two_processes_match_one_process(asset_cache, tmp_path):
     assert len(a) == len(b) == 6
     for x, y in zip(a, b):
         assert abs(x - y) <= 1e-3 * max(1.0, abs(x)), (a, b)
+
+
+def test_gradient_checkpointing_gives_the_same_training_curve(asset_cache, tmp_path):
+    common = ["training.max_steps=3", "training.eval_strategy=no", "training.logging_steps=1",
+              "training.save_strategy=no", "training.per_device_train_batch_size=4"]
+    runs = {}
+    for flag in ("false", "true"):
+        run = tmp_path / flag
+        cli("train", "--config", QUICKSTART, f"training.output_dir={run}", f"training.gradient_checkpointing={flag}",
+            *common, env=dict(os.environ))
+        runs[flag] = [r["loss"] for r in records(run) if "loss" in r and "train_runtime" not in r]
+    assert len(runs["true"]) == 3
+    for plain, checkpointed in zip(runs["false"], runs["true"]):
+        assert abs(plain - checkpointed) <= 1e-4 * abs(plain)

@@ -71,12 +71,14 @@ class ModelConfig:
     name_or_path: str = BUNDLED  # "bundled" = the tiny LLaVA-NeXT built by `vlm-orpo assets`
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16
     attn_backend: str = "auto"  # auto (flex on CUDA, sdpa elsewhere) | sdpa | flex
+    compile_layers: bool | str = "auto"  # torch.compile each decoder layer: auto = on CUDA only
     revision: str | None = None
     trust_remote_code: bool = False
 
     def __post_init__(self):
         _check(self.dtype in ("auto", "float32", "bfloat16", "float16"), f"model.dtype {self.dtype!r} is not valid")
         _check(self.attn_backend in ("auto", "sdpa", "flex"), f"model.attn_backend {self.attn_backend!r} is not valid")
+        _check(self.compile_layers in (True, False, "auto"), "model.compile_layers must be true, false or auto")
 
 
 @dataclass

@@ -30,6 +30,7 @@ from vlm_orpo.modeling.load import (
     model_family,
     trainable_parameters,
 )
+from vlm_orpo.modeling.compile import compile_decoder_layers
 from vlm_orpo.modeling.shared_prefix import packed_logps, set_attention_backend
 from vlm_orpo.reporting import plot_training, read_jsonl, results_table
 from vlm_orpo.scoring import score_batches
@@ -166,6 +167,8 @@ def build_trainer(cfg: RunConfig):
     model = load_base_model(cfg.model, args.device, quantize_4bit=cfg.lora.method == "qlora")
     backend = set_attention_backend(model, cfg.model.attn_backend)
     model = attach_adapter(model, family, cfg.lora, args.gradient_checkpointing)
+    if cfg.model.compile_layers is True or (cfg.model.compile_layers == "auto" and args.device.type == "cuda"):
+        compile_decoder_layers(model)
     collator = PackedCollator(
         pad_token_id=processor.tokenizer.pad_token_id,
         image_token_id=encoder.image_token_id,
