@@ -9,6 +9,7 @@
 #   compile1  7b, 1 pair/step: packed_flex with torch.compile of each decoder layer, without and with grad ckpt
 #   eager8    7b, 8 pairs/step, grad ckpt: plain and packed_flex (without grad ckpt neither fits 80 GB)
 #   compile8  7b, 8 pairs/step, grad ckpt: packed_flex compiled
+#   compile1-bf16lora  as compile1 without grad ckpt, LoRA weights in bf16 instead of PEFT's fp32 (if time is left)
 # Writes benchmarks/results/ (or $GPU_RUN_RESULTS) gpu-<device>-<date>-<run>.json (+ .log), -eager1-profile.txt, -compile1-profile.txt,
 # -env.txt and -table.md (all runs in one markdown table). If $OUT is set (the device runner's output folder),
 # everything written is also copied there. Exit status: 0 if every run succeeded, else 1.
@@ -26,7 +27,7 @@ RES="${GPU_RUN_RESULTS:-benchmarks/results}"
 mkdir -p "$RES"
 
 START=$(date +%s)
-DATE=$(date -u +%Y%m%d)
+DATE=$(date -u +%Y-%m-%d)
 DEVICE=$("$PY" -c "import torch; print(torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no-cuda')" 2>/dev/null || echo unknown)
 SLUG=$(echo "$DEVICE" | sed -E 's/^NVIDIA //; s/[^A-Za-z0-9]+/-/g; s/-+$//' | tr 'A-Z' 'a-z')
 TAG="$RES/gpu-${SLUG}-${DATE}"
@@ -92,6 +93,8 @@ bench compile1 220 --pairs-per-step 1 --grad-checkpointing both --variants packe
 bench eager8 200 --pairs-per-step 8 --grad-checkpointing on --variants plain,packed_flex --warmup 1
 BASE8=(); [ -f "$TAG-eager8.json" ] && BASE8=(--baseline "$TAG-eager8.json")
 bench compile8 150 --pairs-per-step 8 --grad-checkpointing on --variants packed_flex --compile --warmup 2 ${BASE8[@]+"${BASE8[@]}"}
+bench compile1-bf16lora 150 --pairs-per-step 1 --variants packed_flex --compile --adapter-dtype model \
+  ${BASE1[@]+"${BASE1[@]}"}
 
 shopt -s nullglob
 JSONS=("$TAG"-*.json)

@@ -440,18 +440,40 @@ def to_device(batch: dict, device: torch.device, dtype: torch.dtype) -> dict:
     return out
 
 
-def plain_logps_prebuilt(model, batch: dict, spans: list[tuple[int, int]]):
-    """`modeling.reference.plain_logps` on a batch built (and moved to the device) once, outside the timing."""
+def plain_targets(batch: dict, spans: list[tuple[int, int]]) -> dict:
+    """Flat (sequence, predicting position, target id) of every answer token of a `plain_batch`."""
+    rows, cols = [], []
+    for i, (P, A) in enumerate(spans):
+        rows += [i] * A
+        cols += range(P - 1, P + A - 1)
+    rows, cols = torch.tensor(rows), torch.tensor(cols)
+    return {"rows": rows, "cols": cols, "ids": batch["input_ids"][rows, cols + 1],
+            "lengths": torch.tensor([a for _, a in spans], dtype=torch.float32)}
+
+
+def plain_step_logps(model, batch: dict, targets: dict):
+    """The plain forward as TRL runs it: full-sequence logits for both sequences of every pair (LM head on every
+    position), then every answer token's log-prob gathered in one go. Same values as
+    `modeling.reference.plain_logps` (checked every run), whose per-sequence slices of the full logits cost one
+    full-logits-sized gradient buffer per sequence in backward, which no real trainer pays."""
     from vlm_orpo.losses import PairLogps
 
-    logits = model(**batch, use_cache=False).logits
-    sums = []
-    for i, (P, A) in enumerate(spans):
-        answer = batch["input_ids"][i, P : P + A]
-        sums.append(token_logps(logits[i, P - 1 : P + A - 1], answer).sum())
-    sums = torch.stack(sums).view(2, -1)
-    lengths = torch.tensor([a for _, a in spans], dtype=sums.dtype, device=sums.device).view(2, -1)
+    logits = model(**batch, use_cache=False).logits  # [2N, width, vocab]
+    logps = token_logps(logits[targets["rows"], targets["cols"]], targets["ids"])
+    n_seq = targets["lengths"].numel()
+    sums = torch.zeros(n_seq, dtype=logps.dtype, device=logps.device).index_add(0, targets["rows"], logps)
+    sums, lengths = sums.view(2, -1), targets["lengths"].to(logps.device, logps.dtype).view(2, -1)
     return PairLogps(chosen_sum=sums[0], rejected_sum=sums[1], chosen_tokens=lengths[0], rejected_tokens=lengths[1])
+
+
+def reference_values(model, pairs: list[EncodedPair], pad_id: int):
+    """Forward-only loss and log-probs from `modeling.reference.plain_logps` itself, for the loss check."""
+    from vlm_orpo.modeling.reference import plain_logps
+
+    with torch.no_grad():
+        logps = plain_logps(model, pairs, pad_id)
+        loss = orpo_terms(logps, ORPO_LAMBDA).loss.mean()
+    return loss.float().item(), logps.chosen.float().cpu(), logps.rejected.float().cpu()
 
 
 @dataclass
@@ -469,8 +491,9 @@ def prepare_variant(model, base: str, pairs: list[EncodedPair], device, dtype, p
     name = base if n == 1 else f"{base}_x{n}"
     if base == "plain":
         batch, spans = plain_batch(pairs, pad_id)
+        targets = to_device(plain_targets(batch, spans), device, torch.float32)
         batch = to_device(batch, device, dtype)
-        return Variant(name, base, n, lambda: plain_logps_prebuilt(model, batch, spans), plain_work(pairs), "sdpa")
+        return Variant(name, base, n, lambda: plain_step_logps(model, batch, targets), plain_work(pairs), "sdpa")
     backend = "flex" if base == "packed_flex" else "sdpa"
     collator = PackedCollator(pad_id, image_id, max_tokens_per_row=sum(len(p) for p in pairs))
     batch = collator(pairs)
@@ -523,6 +546,8 @@ def forward_only_values(model, variant: Variant):
 
 
 PROFILE_PARTS = {
+    "model": "embed, image-feature merge, rotary tables, glue",
+    None: "outside the model: mask build, log-probs, loss",
     "vision_tower": "vision tower",
     "projector": "projector",
     "attn_proj": "attention q/k/v/o (frozen base)",
@@ -538,9 +563,11 @@ def _module_labels(model) -> dict:
     """module -> part label; the innermost labelled module wins for the ops it runs."""
     hf = unwrap(model)
     family = family_for(hf.config)
-    labels = {}
+    labels = {hf: "model"}
     for name, module in hf.named_modules():
         leaf = name.rsplit(".", 1)[-1]
+        if not name:
+            continue
         if name == family.vision_tower:
             labels[module] = "vision_tower"
         elif name == family.projector:
@@ -612,8 +639,25 @@ def op_kind(name: str) -> str:
     return "other"
 
 
+def kernel_kind(name: str) -> str:
+    """Kind of a GPU kernel from its name (cuBLAS/CUTLASS GEMMs, attention kernels, Triton fusions, ...)."""
+    n = name.lower()
+    if any(k in n for k in ("flash", "fmha", "attention", "flex")):
+        return "attention kernel"
+    if any(k in n for k in ("gemm", "cutlass", "cublas", "xmma", "matmul", "splitk", "nvjet")):
+        return "matmul"
+    if "triton_tem" in n:
+        return "triton template (mm or flex)"
+    if any(k in n for k in ("memcpy", "memset", "copy", "fill", "index", "gather", "scatter", "cat_", "catarray")):
+        return "copy/index/fill"
+    if n.startswith("triton_"):
+        return "fused elementwise/reduction (triton)"
+    return "elementwise/reduction"
+
+
 def profile_breakdown(model, variant: Variant, device, steps: int = 2, module_labels: bool = True) -> dict:
-    """Self time (device time on CUDA, CPU time on CPU) of `steps` training steps, grouped two ways:
+    """Time of `steps` training steps (CUDA: kernel time, each kernel charged to the op that launched it; CPU: op
+    self time), grouped two ways:
     by model part (forward, and backward attributed to the forward op that made each autograd node), and by
     op kind (matmul / attention kernel / elementwise / copy). Returns a dict plus the profiler's own table.
     """
@@ -633,11 +677,22 @@ def profile_breakdown(model, variant: Variant, device, steps: int = 2, module_la
             labels.remove()
         model.zero_grad(set_to_none=True)
 
-    cuda = device.type == "cuda"
-    events = list(prof.events())
+    try:
+        table = prof.key_averages().table(
+            sort_by="self_device_time_total" if device.type == "cuda" else "self_cpu_time_total", row_limit=25
+        )
+    except Exception as exc:  # noqa: BLE001 - the table is a convenience
+        table = f"(profiler table unavailable: {exc})"
+    out = aggregate_profile(list(prof.events()), device.type == "cuda", steps, module_labels)
+    out["table"] = table
+    return out
 
-    def self_time(e):  # microseconds
-        return (e.self_device_time_total if cuda else e.self_cpu_time_total) or 0.0
+
+def aggregate_profile(events: list, cuda: bool, steps: int, module_labels: bool = True) -> dict:
+    """Group profiler `FunctionEvent`s by model part and by op kind (see `profile_breakdown`)."""
+    from torch.autograd import DeviceType
+
+    cpu_events = [e for e in events if e.device_type == DeviceType.CPU]
 
     def innermost_label(e):
         p = e.cpu_parent
@@ -647,13 +702,14 @@ def profile_breakdown(model, variant: Variant, device, steps: int = 2, module_la
             p = p.cpu_parent
         return None
 
+    def own_label(e):
+        return e.name[len("bench::"):] if e.name.startswith("bench::") else innermost_label(e)
+
     # forward autograd-node sequence numbers -> part label, keyed by (forward thread, sequence_nr)
     seq_label = {}
-    for e in events:
+    for e in cpu_events:
         if e.sequence_nr is not None and e.sequence_nr >= 0 and not e.name.startswith("autograd::"):
-            label = e.name[len("bench::"):] if e.name.startswith("bench::") else innermost_label(e)
-            if label is not None:
-                seq_label.setdefault((e.thread, e.sequence_nr), label)
+            seq_label.setdefault((e.thread, e.sequence_nr), own_label(e))
 
     def backward_root(e):
         p = e
@@ -663,26 +719,41 @@ def profile_breakdown(model, variant: Variant, device, steps: int = 2, module_la
             p = p.cpu_parent
         return None
 
+    def part_of(e) -> str:
+        if e is None:
+            return "GPU kernels with no CPU op"
+        root = backward_root(e)
+        if root is None:
+            return f"{PROFILE_PARTS.get(own_label(e), own_label(e))} [fwd]"
+        if "AccumulateGrad" in root.name:
+            return "grad accumulation (LoRA .grad)"
+        label = seq_label.get((root.fwd_thread, root.sequence_nr))
+        return f"{PROFILE_PARTS.get(label, label)} [bwd]"
+
+    # (microseconds, owning CPU op or None, kind): kernel time on CUDA, op self time on CPU
+    items = []
+    if cuda:
+        for e in cpu_events:
+            for k in e.kernels:
+                items.append((k.duration, e, kernel_kind(k.name)))
+        ids = {e.id for e in cpu_events if e.kernels}
+        for d in events:  # kernels the profiler could not tie to a CPU op
+            if d.device_type != DeviceType.CPU and getattr(d, "linked_correlation_id", 0) not in ids:
+                items.append((d.time_range.end - d.time_range.start, None, kernel_kind(d.name)))
+    else:
+        for e in cpu_events:
+            kind = "python/profiler overhead" if e.name.startswith("bench::") else op_kind(e.name)
+            items.append((e.self_cpu_time_total, e, kind))
+
     by_part: dict[str, float] = {}
     by_kind: dict[str, float] = {}
     total = 0.0
-    for e in events:
-        t = self_time(e)
-        if t <= 0:
+    for t, owner, kind in items:
+        if not t or t <= 0:
             continue
         total += t
-        root = backward_root(e)
-        if root is not None:
-            if "AccumulateGrad" in root.name:
-                part = "grad accumulation (LoRA .grad)"
-            else:
-                label = seq_label.get((root.fwd_thread, root.sequence_nr))
-                part = f"{PROFILE_PARTS.get(label, label)} [bwd]" if label else "other [bwd]"
-        else:
-            label = e.name[len("bench::"):] if e.name.startswith("bench::") else innermost_label(e)
-            part = f"{PROFILE_PARTS.get(label, label)} [fwd]" if label else "other: embed, image merge, mask, loss [fwd]"
+        part = part_of(owner)
         by_part[part] = by_part.get(part, 0.0) + t
-        kind = "python/profiler overhead" if e.name.startswith("bench::") else op_kind(e.name)
         by_kind[kind] = by_kind.get(kind, 0.0) + t
 
     def summarize(d):
@@ -694,15 +765,13 @@ def profile_breakdown(model, variant: Variant, device, steps: int = 2, module_la
     for part, t in by_part.items():
         key = part.replace(" [fwd]", "").replace(" [bwd]", "")
         merged[key] = merged.get(key, 0.0) + t
-    sort_key = "self_device_time_total" if cuda else "self_cpu_time_total"
     return {
         "clock": "CUDA device time (sum of kernel time)" if cuda else "CPU self time (all threads)",
         "steps": steps,
         "total_s_per_step": total / 1e6 / steps,
-        "by_part": summarize(merged),
-        "by_part_fwd_bwd": summarize(by_part),
+        "by_part": summarize(merged) if module_labels else {},  # compiled layers cannot carry module hooks
+        "by_part_fwd_bwd": summarize(by_part) if module_labels else {},
         "by_op_kind": summarize(by_kind),
-        "table": prof.key_averages().table(sort_by=sort_key, row_limit=25),
     }
 
 
@@ -710,6 +779,8 @@ def format_profile(name: str, prof: dict) -> str:
     lines = [f"## {name}: {prof['clock']}, {prof['total_s_per_step'] * 1e3:.1f} ms per step ({prof['steps']} steps)"]
     for title, key in (("by model part", "by_part"), ("by model part, fwd/bwd", "by_part_fwd_bwd"),
                        ("by op kind", "by_op_kind")):
+        if not prof[key]:
+            continue
         lines.append(f"\n{title}:")
         for part, v in prof[key].items():
             lines.append(f"  {part:<52} {v['s_per_step'] * 1e3:9.2f} ms  {100 * v['share']:5.1f}%")
@@ -741,6 +812,16 @@ def versions() -> dict:
     return out
 
 
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def device_info(device: torch.device, dtype: torch.dtype, peak_override: float | None) -> dict:
     info = {"type": device.type}
     if device.type == "cuda":
@@ -758,9 +839,10 @@ def device_info(device: torch.device, dtype: torch.dtype, peak_override: float |
         )
     else:
         info.update(
-            name=platform.processor() or platform.machine(),
+            name=_cpu_name(),
             threads=torch.get_num_threads(),
             cpus=os.cpu_count(),
+            load_avg_1m_at_start=round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
             peak_flops=peak_override,
         )
     return info
@@ -831,15 +913,22 @@ def add_speedups(results: dict, baseline: dict, baseline_name: str | None):
         r["speedup_ref"] = ("this run" if here else baseline_name) if r["speedup_vs_plain"] else None
 
 
-def load_baseline(path: str | None) -> dict:
-    out = {}
+def load_baseline(path: str | None, seed: int, size: str) -> tuple[dict, dict]:
+    """From a --baseline file: plain medians by (pairs/step, grad ckpt), and plain's loss values by name for
+    the loss check (only when that run used the same size and seed, i.e. the same weights and pairs)."""
+    medians, reference = {}, {}
     if path:
         rep = json.loads(Path(path).read_text())
-        for v in rep["variants"].values():
-            if v.get("base") == "plain" and v.get("median_s"):
-                gc_on = v.get("grad_checkpointing", rep["config"].get("grad_checkpointing") in (True, "on"))
-                out[(v["pairs_per_step"], gc_on)] = v["median_s"]
-    return out
+        same_inputs = rep["config"].get("seed", 0) == seed and rep["config"].get("size") == size
+        for name, v in rep["variants"].items():
+            if v.get("base") != "plain" or not v.get("median_s"):
+                continue
+            gc_on = v.get("grad_checkpointing", rep["config"].get("grad_checkpointing") in (True, "on"))
+            medians[(v["pairs_per_step"], gc_on)] = v["median_s"]
+            if same_inputs and v.get("chosen_logp") and f"baseline:{name}" not in reference:
+                vals = (v["loss"], torch.tensor(v["chosen_logp"]), torch.tensor(v["rejected_logp"]))
+                reference[f"baseline:{name}"] = (v["pairs_per_step"], vals)
+    return medians, reference
 
 
 def run(args) -> int:
@@ -883,7 +972,7 @@ def run(args) -> int:
     info = device_info(device, dtype, args.peak_tflops * 1e12 if args.peak_tflops else None)
     peak_flops = info.get("peak_flops")
     pad_id, image_id = 0, size.image_token_id
-    baseline = load_baseline(args.baseline)
+    baseline, reference = load_baseline(args.baseline, args.seed, args.size)
     results: dict[str, dict] = {}
     values: dict[str, tuple] = {}
     profiles: dict[str, dict] = {}
@@ -914,6 +1003,7 @@ def run(args) -> int:
             "mfu_flops": "executed model FLOPs by formula (step_flops): frozen matmuls 2x fwd, LoRA and attention "
                          "3x fwd (attention over allowed query/key pairs only), LM head 2x fwd on the rows it runs "
                          "on, vision tower + projector fwd only; gradient-checkpointing recompute not counted",
+            "seed": args.seed,
             "setup_s": setup_s,
         },
         "pairs": [{"prompt": len(p.prompt_ids), "chosen": len(p.chosen_ids), "rejected": len(p.rejected_ids)}
@@ -923,7 +1013,7 @@ def run(args) -> int:
 
     def save():  # after every variant, so a run cut short by a timeout still leaves its results
         add_speedups(results, baseline, args.baseline)
-        report["loss_check"] = loss_check(values, results, dtype)
+        report["loss_check"] = loss_check(values, results, dtype, reference)
         report["wall_s"] = time.perf_counter() - t_start
         if profiles:
             report["profile"] = {k: {kk: vv for kk, vv in v.items() if kk != "table"} for k, v in profiles.items()}
@@ -934,6 +1024,14 @@ def run(args) -> int:
     failed = False  # a variant raised something other than out-of-memory
     for n in pairs_per_step:
         step_pairs = pairs[:n]
+        if "plain" in wanted:
+            name = "plain_logps" + ("" if n == 1 else f"_x{n}")
+            set_attention_backend(model, "sdpa")
+            try:
+                reference[name] = (n, reference_values(model, step_pairs, pad_id))
+            except torch.OutOfMemoryError:
+                free_memory(device)
+                print(f"[step_bench] {name}: out of memory (reference check skipped)", flush=True)
         for gc_on in gc_modes:
             set_grad_checkpointing(model, gc_on)
             for base in wanted:
@@ -953,8 +1051,9 @@ def run(args) -> int:
                         except Exception as exc:  # noqa: BLE001 - the CPU inductor toolchain may be missing
                             reason = f"FlexAttention unavailable on CPU ({type(exc).__name__}: {str(exc)[:200]})"
                     entry = skipped_entry(reason, n, base, gc_on, variant.work)
-                    entry["loss"] = values[name][0] if name in values else None
-                    entry["loss_kind"] = "forward only" if name in values else None
+                    if name in values:
+                        entry.update(loss=values[name][0], loss_kind="forward only",
+                                     chosen_logp=values[name][1].tolist(), rejected_logp=values[name][2].tolist())
                     entry["wall_s"] = time.perf_counter() - t_variant
                     results[name] = entry
                     print(f"[step_bench] {name}: skipped ({reason}) [{entry['wall_s']:.1f}s]", flush=True)
@@ -996,6 +1095,8 @@ def run(args) -> int:
                     "peak_gib": peak,
                     "loss": vals[0],
                     "loss_kind": "train step",
+                    "chosen_logp": vals[1].tolist(),  # per-pair mean log-probs, for cross-run loss checks
+                    "rejected_logp": vals[2].tolist(),
                     "skipped": None,
                     "tokens_per_step": work["tokens"],
                     "attended_pairs": work["attended_pairs"],
@@ -1043,12 +1144,22 @@ def run(args) -> int:
     return 3 if failed else 0
 
 
-def loss_check(values: dict, results: dict, dtype) -> dict:
-    """Within each pairs/step group: every variant's loss and per-pair mean log-probs against the first one."""
+def loss_check(values: dict, results: dict, dtype, reference: dict | None = None) -> dict:
+    """Within each pairs/step group: every variant's loss and per-pair mean log-probs against the first one.
+
+    `reference` ({name: (pairs_per_step, values)}) goes first in its group: forward-only values of
+    `modeling.reference.plain_logps`, and the plain variants of a --baseline file measured with the same seed
+    (so the same weights and pairs), so a run without plain is still checked.
+    """
     rtol = LOSS_RTOL[dtype]
+    values = dict(values)
     groups: dict[int, list[str]] = {}
+    for name, (n, vals) in (reference or {}).items():
+        values[name] = vals
+        groups.setdefault(n, []).append(name)
     for name in values:
-        groups.setdefault(results[name]["pairs_per_step"], []).append(name)
+        if name in results:
+            groups.setdefault(results[name]["pairs_per_step"], []).append(name)
     ok, details, worst = True, [], {}
     for n, names in groups.items():
         ref = names[0]
@@ -1146,10 +1257,17 @@ def summarize(paths: list[str]) -> str:
                 _fmt(v.get("loss"), ".4f"), (_fmt(speed, ".2f") + "x") if speed else "-",
                 (_fmt(mem, ".2f") + "x") if mem else "-",
             ]) + " |")
-    devices = sorted({f"{r['device'].get('name')} ({r['date']}, torch {r['versions'].get('torch')}, "
-                      f"transformers {r['versions'].get('transformers')}, peft {r['versions'].get('peft')})"
-                      + ("" if r.get("complete", True) else " [incomplete run]") for _, r in reports})
-    return "\n".join(["devices: " + "; ".join(devices), "", *lines])
+    head = []
+    for dev in sorted({r["device"].get("name") or "?" for _, r in reports}):
+        reps = [r for _, r in reports if (r["device"].get("name") or "?") == dev]
+        dates = sorted(r["date"] for r in reps)
+        vers = sorted({f"torch {r['versions'].get('torch')}, transformers {r['versions'].get('transformers')}, "
+                       f"peft {r['versions'].get('peft')}" for r in reps})
+        head.append(f"device: {dev}; {dates[0]} .. {dates[-1]}; {' / '.join(vers)}")
+    incomplete = [Path(p).name for p, r in reports if not r.get("complete", True)]
+    if incomplete:
+        head.append("incomplete runs (cut short): " + ", ".join(incomplete))
+    return "\n".join([*head, "", *lines])
 
 
 def main(argv=None) -> int:

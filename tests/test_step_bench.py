@@ -30,7 +30,8 @@ def bench():
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")]))
+    paths = [str(REPO / "src"), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(paths))
     cmd = [
         sys.executable, str(BENCH), "--size", "small", "--device", "cpu", "--pairs-per-step", "1", "4",
         "--steps", "3", "--warmup", "1", "--json", str(out / "r.json"), "--profile", str(out / "profile.txt"),
@@ -182,3 +183,33 @@ def test_decoder_layers_found_through_peft(asset_cache):
     )
     assert decoder_layers(peft_model) is layers
     assert not is_compiled(peft_model)
+
+
+def test_profile_aggregation_charges_gpu_kernels_to_model_parts(bench):
+    """The CUDA branch (not reachable on a CPU runner): kernels go to the part of the op that launched them,
+    backward kernels to the forward op's part through the autograd sequence number, orphans separately."""
+    from types import SimpleNamespace as NS
+
+    from torch.autograd import DeviceType
+
+    def cpu(name, parent=None, seq=-1, kernels=(), thread=1, fwd_thread=0, id=0):
+        return NS(name=name, cpu_parent=parent, sequence_nr=seq, thread=thread, fwd_thread=fwd_thread,
+                  device_type=DeviceType.CPU, kernels=[NS(name=k, duration=d) for k, d in kernels], id=id,
+                  self_cpu_time_total=1.0)
+
+    head = cpu("bench::lm_head", id=1)
+    mm = cpu("aten::mm", head, seq=5, kernels=[("sm90_xmma_gemm_bf16bf16", 100.0)], id=2)
+    root = cpu("autograd::engine::evaluate_function: MmBackward0", seq=5, fwd_thread=1, id=3)
+    mm_bwd = cpu("aten::mm", cpu("MmBackward0", root, id=4), kernels=[("cutlass_80_tensorop_gemm", 200.0)], id=5)
+    sdpa = cpu("aten::_efficient_attention_forward", cpu("bench::attention", id=6), seq=7,
+               kernels=[("fmha_cutlassF_bf16_aligned", 40.0)], id=7)
+    orphan = NS(name="triton_poi_fused_add_0", device_type=DeviceType.CUDA, linked_correlation_id=999,
+                time_range=NS(start=0.0, end=60.0))
+    out = bench.aggregate_profile([head, mm, root, mm_bwd, sdpa, orphan], cuda=True, steps=1)
+    parts = {k: v["s_per_step"] * 1e6 for k, v in out["by_part"].items()}
+    assert parts == pytest.approx({"LM head": 300.0, "attention core + rope + reshapes": 40.0,
+                                   "GPU kernels with no CPU op": 60.0})
+    kinds = {k: v["s_per_step"] * 1e6 for k, v in out["by_op_kind"].items()}
+    assert kinds == pytest.approx({"matmul": 300.0, "attention kernel": 40.0,
+                                   "fused elementwise/reduction (triton)": 60.0})
+    assert out["by_part_fwd_bwd"]["LM head [bwd]"]["share"] == pytest.approx(0.5)
