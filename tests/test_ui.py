@@ -8,6 +8,8 @@ Set VLM_ORPO_UI_SCREENSHOT=PATH to save the compare-mode screenshot (docs/ui.png
 
 from __future__ import annotations
 
+import importlib
+
 import argparse
 import asyncio
 import base64
@@ -31,7 +33,7 @@ KEY = "test-key-123"
 
 def need(module: str):
     if REQUIRE_UI:
-        return __import__(module)
+        return importlib.import_module(module)
     return pytest.importorskip(module, reason=f"{module} not installed (bash scripts/setup_ui_test_env.sh)")
 
 
