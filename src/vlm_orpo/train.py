@@ -255,9 +255,9 @@ def write_summary(out: Path, orpo_lambda: float, seconds: float, report) -> None
     text = [f"# Run summary: {out.name}", ""]
     text += [results_table(rows, orpo_lambda), ""] if rows else ["No validation split, so no results table.", ""]
     text += [f"Wall time: {seconds:.0f} s. {report.summary()}", ""]
+    print("\n".join(text), flush=True)
     text += [f"![{p.stem}]({p.name})" for p in plots]
     (out / SUMMARY).write_text("\n".join(text) + "\n")
-    print("\n".join(text[: 3 + len(rows) + 2]), flush=True)
 
 
 def dry_run(cfg: RunConfig) -> str:
