@@ -149,9 +149,6 @@ class CanonicalRows:
         row["image"] = resolve_image_path(row["image"], self.base_dir)
         return row
 
-    def subset(self, positions: list[int]) -> "CanonicalRows":
-        return CanonicalRows(self.dataset, self.columns, [self.indices[p] for p in positions], self.base_dir)
-
 
 def canonical_row(raw: dict, columns: dict[str, str], row_number: int, has_idx: bool) -> dict:
     image = raw[columns["image"]]
