@@ -151,7 +151,7 @@ def _truncate_metrics(path: Path, last_step: int) -> None:
 
 
 def build_trainer(cfg: RunConfig):
-    """Everything up to `Trainer.train`: data, model, adapter, collator. Shared by train and --dry-run."""
+    """Everything up to `Trainer.train`: data, model, adapter, collator."""
     multi_cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
     # accelerate runs CPU processes as DDP (gloo) only with use_cpu; without it they would train apart, silently
     args = cfg.training_args(**({"use_cpu": True} if multi_cpu else {}))
