@@ -66,9 +66,11 @@ class PairEncoder:
     def prompt_text(self, question) -> str:
         return self.processor.apply_chat_template(self.messages(question), add_generation_prompt=True, tokenize=False)
 
-    def answer_ids(self, question, answer: str) -> list[int]:
-        """The assistant turn's tokens as the chat template writes them, capped, then EOS."""
-        prompt = self.prompt_text(question)
+    def answer_ids(self, question, answer: str, prompt: str | None = None) -> list[int]:
+        """The assistant turn's tokens as the chat template writes them, capped, then EOS.
+
+        `prompt` is the already rendered prompt of `question`, so `encode` renders it once per pair."""
+        prompt = prompt if prompt is not None else self.prompt_text(question)
         turn = {"role": "assistant", "content": [{"type": "text", "text": answer}]}
         full = self.processor.apply_chat_template(self.messages(question) + [turn], tokenize=False)
         completion = full[len(prompt):] if full.startswith(prompt) else answer
@@ -103,8 +105,8 @@ class PairEncoder:
         return EncodedPair(
             idx=row["idx"],
             prompt_ids=prompt_ids,
-            chosen_ids=self.answer_ids(row["question"], row["chosen"]),
-            rejected_ids=self.answer_ids(row["question"], row["rejected"]),
+            chosen_ids=self.answer_ids(row["question"], row["chosen"], prompt),
+            rejected_ids=self.answer_ids(row["question"], row["rejected"], prompt),
             image_inputs=dict(inputs),
         )
 
