@@ -68,8 +68,13 @@ def small_run_args(run: Path, *extra: str) -> list[str]:
     ]
 
 
-def adapter(run: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(run / "final" / "adapter_model.safetensors"))
+def adapter(run: Path, name: str = "final") -> dict[str, torch.Tensor]:
+    return load_file(str(run / name / "adapter_model.safetensors"))
+
+
+def largest_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    assert a.keys() == b.keys()
+    return max((a[key] - b[key]).abs().max().item() for key in a)
 
 
 def test_resume_after_sigkill_matches_uninterrupted_run(asset_cache, tmp_path):
@@ -92,10 +97,13 @@ def test_resume_after_sigkill_matches_uninterrupted_run(asset_cache, tmp_path):
         assert (checkpoint / "trainer_state.json").exists() and (checkpoint / "optimizer.pt").exists()
 
     cli(*small_run_args(killed), "--resume", env=env)
-    a, b = adapter(straight), adapter(killed)
-    assert a.keys() == b.keys()
-    for key in a:
-        torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-6)
+    # Bitwise equality is not promised: a reloaded model sits at other addresses, and CPU BLAS kernels may
+    # sum in another order (seen: 1.8e-6 on one of 2048 weights). A wrong resume (a step lost or repeated,
+    # Adam's moments reset, another data order) moves weights by about one optimizer step, so the
+    # tolerance is a twentieth of the mean step measured on this very run.
+    one_step = largest_difference(adapter(straight, "checkpoint-12"), adapter(straight, "checkpoint-8")) / 4
+    assert one_step > 1e-4, "the run must train, or the comparison proves nothing"
+    assert largest_difference(adapter(straight), adapter(killed)) < 0.05 * one_step
     steps = [r["step"] for r in records(killed) if "loss" in r and "train_runtime" not in r]
     assert steps == sorted(set(steps)) == list(range(1, 13)), "metrics.jsonl must hold each step once"
 
