@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from vlm_orpo.assets import cache_root, ensure_assets, score_answer
+from vlm_orpo.assets.atomic import atomic_dir
 from vlm_orpo.assets.synthetic import (
     COLOURS,
     DS_NAME,
@@ -146,6 +147,22 @@ def test_ensure_assets_removes_stale_temp_dirs_and_rebuilds_missing(tmp_path):
     mtime = (Path(paths["tiny_model"]) / "model.safetensors").stat().st_mtime_ns
     assert ensure_assets(tmp_path) == paths and Path(paths["validation"]).is_file()
     assert (Path(paths["tiny_model"]) / "model.safetensors").stat().st_mtime_ns == mtime
+
+
+def test_atomic_dir_replaces_only_a_finished_build(tmp_path):
+    out = tmp_path / "built"
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+    with pytest.raises(RuntimeError):
+        with atomic_dir(out) as scratch:
+            (scratch / "new.txt").write_text("half")
+            raise RuntimeError("build interrupted")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["built"]  # the scratch folder is gone
+    assert [p.name for p in out.iterdir()] == ["old.txt"]
+    with atomic_dir(out) as scratch:
+        (scratch / "new.txt").write_text("done")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["built"]
+    assert [p.name for p in out.iterdir()] == ["new.txt"] and oct(out.stat().st_mode & 0o777) == "0o755"
 
 
 def test_ensure_assets_concurrent_processes(tmp_path):

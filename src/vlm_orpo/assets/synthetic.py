@@ -15,15 +15,14 @@ answer string occurs exactly as often as ``chosen`` as it does as ``rejected`` i
 from __future__ import annotations
 
 import io
-import os
 import random
 import re
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image, ImageDraw
+
+from .atomic import atomic_dir
 
 __all__ = [
     "BACKGROUNDS",
@@ -220,23 +219,14 @@ def _count_text(n: int, as_word: bool) -> str:
 def _make_pair(rng: random.Random, task: str) -> list[dict]:
     """Two mirrored examples of ``task``: chosen/rejected answer strings are swapped."""
     rows: list[dict] = []
-    if task == "colour":
+    if task in ("colour", "shape"):
         n = 1 if rng.random() < 0.6 else rng.randint(2, 3)
-        key = "colour_one" if n == 1 else "colour_many"
-        a, b = rng.sample(list(COLOURS), 2)
+        key = f"{task}_one" if n == 1 else f"{task}_many"
+        a, b = rng.sample(list(COLOURS) if task == "colour" else SHAPES, 2)
         tmpl = rng.choice(ANSWERS[key])
-        ans = {c: tmpl.format(colour=c) for c in (a, b)}
+        ans = {v: tmpl.format(**{task: v}) for v in (a, b)}
         for right, wrong in ((a, b), (b, a)):
-            png, _ = _make_image(rng, n=n, colours=[right] * n)
-            rows.append(dict(png=png, q=rng.choice(QUESTIONS[key]), chosen=ans[right], rejected=ans[wrong], target=right))
-    elif task == "shape":
-        n = 1 if rng.random() < 0.6 else rng.randint(2, 3)
-        key = "shape_one" if n == 1 else "shape_many"
-        a, b = rng.sample(SHAPES, 2)
-        tmpl = rng.choice(ANSWERS[key])
-        ans = {s: tmpl.format(shape=s) for s in (a, b)}
-        for right, wrong in ((a, b), (b, a)):
-            png, _ = _make_image(rng, n=n, shapes=[right] * n)
+            png, _ = _make_image(rng, n=n, **{f"{task}s": [right] * n})
             rows.append(dict(png=png, q=rng.choice(QUESTIONS[key]), chosen=ans[right], rejected=ans[wrong], target=right))
     elif task == "count":
         a, b = rng.sample(range(1, 5), 2)
@@ -345,32 +335,14 @@ def build_synthetic_data(
     import datasets
 
     out_dir = Path(out_dir).absolute()
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
+    with atomic_dir(out_dir) as tmp:
         offset = 0
         for split, n in (("train", n_train), ("validation", n_validation)):
             cols = generate_split(n, seed, split, idx_offset=offset)
             offset += n
             ds = datasets.Dataset.from_dict(cols, features=_features(), split=split)
             ds.to_parquet(str(tmp / f"{split}.parquet"))
-        os.chmod(tmp, 0o755)  # mkdtemp creates 0700
-        _replace_dir(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return {"train": out_dir / "train.parquet", "validation": out_dir / "validation.parquet"}
-
-
-def _replace_dir(src: Path, dst: Path) -> None:
-    """Move directory ``src`` to ``dst``, replacing an existing ``dst``."""
-    if dst.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{dst.name}.old-", dir=dst.parent))
-        os.replace(dst, old / dst.name)
-        os.replace(src, dst)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(src, dst)
 
 
 # --------------------------------------------------------------------------- scoring

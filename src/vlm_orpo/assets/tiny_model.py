@@ -12,10 +12,9 @@ A 128x128 image becomes a 2x2 "anyres" grid of 64x64 crops: 64 base tokens +
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
+
+from .atomic import atomic_dir
 
 __all__ = [
     "CHAT_TEMPLATE",
@@ -279,9 +278,7 @@ def build_tiny_model(out_dir: Path, seed: int = 0) -> Path:
     from transformers import GenerationConfig, LlavaNextForConditionalGeneration
 
     out_dir = Path(out_dir).absolute()
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
+    with atomic_dir(out_dir) as tmp:
         hf_tok = _wrap_tokenizer(build_tokenizer())
         processor = _build_processor(hf_tok)
         config = _build_config(hf_tok)
@@ -300,19 +297,4 @@ def build_tiny_model(out_dir: Path, seed: int = 0) -> Path:
         (tmp / "vlm_orpo_asset.json").write_text(
             json.dumps({"kind": "tiny-llava-next", "seed": seed, "version": 1}, indent=2) + "\n"
         )
-        os.chmod(tmp, 0o755)  # mkdtemp creates 0700
-        _replace_dir(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
-
-
-def _replace_dir(src: Path, dst: Path) -> None:
-    if dst.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{dst.name}.old-", dir=dst.parent))
-        os.replace(dst, old / dst.name)
-        os.replace(src, dst)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(src, dst)
