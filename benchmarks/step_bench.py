@@ -43,7 +43,7 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -143,19 +143,21 @@ _CLIP_L_336 = dict(
     layer_norm_eps=1e-5,
 )
 
+_SIZE_7B = Size(
+    description="llava-v1.6-mistral-7b architecture (Mistral-7B + CLIP ViT-L/14-336, anyres), random weights",
+    text=_MISTRAL_7B,
+    vision=_CLIP_L_336,
+    image_token_id=32000,
+    pinpoints=_PINPOINTS_336,
+    image_hw=(480, 640),
+    question_tokens=40,
+    answer_median=150,
+    answer_sigma=0.5,
+    answer_range=(16, 512),
+)
+
 SIZES = {
-    "7b": Size(
-        description="llava-v1.6-mistral-7b architecture (Mistral-7B + CLIP ViT-L/14-336, anyres), random weights",
-        text=_MISTRAL_7B,
-        vision=_CLIP_L_336,
-        image_token_id=32000,
-        pinpoints=_PINPOINTS_336,
-        image_hw=(480, 640),
-        question_tokens=40,
-        answer_median=150,
-        answer_sigma=0.5,
-        answer_range=(16, 512),
-    ),
+    "7b": _SIZE_7B,
     "small": Size(
         description="LLaVA-NeXT structure scaled down for CPU (d=128, 2 layers, 2048 vocab; ViT 112px/14, 2 layers)",
         text=dict(
@@ -188,7 +190,8 @@ SIZES = {
         answer_range=(8, 128),
         default_pairs_per_step=(1, 4, 8),
     ),
-    "7b-tiny": Size(
+    "7b-tiny": replace(
+        _SIZE_7B,
         description="7b input geometry (640x480 -> 2340 image tokens, answers ~150) with tiny widths, for CPU checks",
         text=dict(
             _MISTRAL_7B,
@@ -202,12 +205,6 @@ SIZES = {
         ),
         vision=dict(_CLIP_L_336, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2),
         image_token_id=500,
-        pinpoints=_PINPOINTS_336,
-        image_hw=(480, 640),
-        question_tokens=40,
-        answer_median=150,
-        answer_sigma=0.5,
-        answer_range=(16, 512),
     ),
 }
 
