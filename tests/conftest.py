@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -41,12 +40,6 @@ def tiny_pairs(asset_cache, tiny_processor):
     encoder = PairEncoder(tiny_processor, max_answer_tokens=32)
     train, _, _ = load_pairs(DataConfig(source=asset_cache["train"]), encoder)
     return encoder, [train[i] for i in range(8)]
-
-
-@pytest.fixture
-def fp32_default():
-    torch.manual_seed(0)
-    yield
 
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -60,6 +60,9 @@ def test_dry_run_of_quickstart_counts_trainable_parameters(asset_cache):
         (["lora.method=dora"], ["lora.method"]),
         (["model.name_or_path=/no/such/model"], ["model path not found"]),
         (["nonsense"], ["section.key=value"]),
+        (["data.where=task"], ["data.where must be dict"]),
+        (["data.eval_limit=-1"], ["data.eval_limit must be positive"]),
+        (["lora.r=sixteen"], ["lora.r must be int"]),
     ],
 )
 def test_bad_config_values_are_one_line_errors(asset_cache, overrides, needles):
@@ -76,3 +79,14 @@ def test_unknown_model_family_is_one_line_error(asset_cache, tmp_path):
 
 def test_missing_config_file_is_one_line_error():
     assert_one_line_error(cli("train", "--config", "/no/such.yaml"), "config file not found")
+
+
+def test_a_hub_name_that_cannot_load_is_one_line_error(asset_cache, tmp_path):
+    result = cli("evaluate", "--model", "no-such-org/no-such-vlm", "--out", str(tmp_path))
+    assert_one_line_error(result, "cannot load model 'no-such-org/no-such-vlm'")
+
+
+def test_a_count_below_one_is_a_usage_error():
+    result = cli("evaluate", "--batch-size", "0")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "argument --batch-size: must be at least 1, got 0" in result.stderr

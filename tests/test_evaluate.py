@@ -133,6 +133,18 @@ def test_pope_metrics_reported(evaluated):
     assert "| Name | POPE accuracy |" in stdout
 
 
+def test_a_pope_file_with_a_missing_image_names_the_row(tmp_path):
+    from vlm_orpo.config import ConfigError
+    from vlm_orpo.evaluate import load_pope
+
+    Image.new("RGB", (32, 32), "red").save(tmp_path / "ok.png")
+    rows = [{"image": "ok.png", "question": "Is there a red square?", "label": "yes"},
+            {"image": "gone.png", "question": "Is there a cat?", "label": "no"}]
+    (tmp_path / "pope.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(ConfigError, match=r"pope.jsonl row 1: undecodable image"):
+        load_pope(str(tmp_path / "pope.jsonl"))
+
+
 def test_bad_adapter_path_is_a_clear_error(asset_cache, tmp_path):
     result = run_cli("evaluate", "--config", QUICKSTART, "--adapters", str(tmp_path / "missing"), "--limit", "2")
     assert result.returncode == 2 and "Traceback" not in result.stderr

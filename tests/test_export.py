@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+from PIL import Image
 
 from vlm_orpo.config import ConfigError, LoraSettings, ModelConfig
 from vlm_orpo.export import add_merge_arguments, merge_adapter, rename_for_vllm, run_merge
@@ -108,6 +109,29 @@ def test_served_chat_prompt_equals_the_trained_prompt(merged, tiny_processor):
     trained_text = PairEncoder(tiny_processor).prompt_text(question)  # the bundled template, as training used it
     assert served == tiny_processor.tokenizer(trained_text)["input_ids"]
     assert PairEncoder(processor).prompt_text(question) == rendered  # no second BOS when re-encoded by training code
+
+
+def test_evaluate_generates_from_a_merged_model_with_one_bos(merged):
+    """The merged template writes BOS itself; `evaluate --generate` must not add a second one."""
+    from transformers import AutoProcessor
+
+    from vlm_orpo.data.packing import PairEncoder
+    from vlm_orpo.evaluate import generate
+
+    class Recorder(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.zeros(1))
+
+        def generate(self, input_ids, **kwargs):
+            self.input_ids = input_ids
+            return input_ids
+
+    processor = AutoProcessor.from_pretrained(merged)
+    model = Recorder()
+    generate(model, PairEncoder(processor), Image.new("RGB", (128, 96), "red"), "What colour?", 4)
+    bos = processor.tokenizer.bos_token_id
+    assert model.input_ids[0, 0] == bos and model.input_ids[0, 1] != bos
 
 
 def test_rename_for_vllm_rewrites_shards_and_index_once(tmp_path):

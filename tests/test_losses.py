@@ -69,3 +69,8 @@ def test_metrics_use_trl_names_and_values():
     assert metrics["rewards/accuracies"] == 0.5
     assert abs(metrics["rewards/margins"] - 0.1 * ((0.5 + -0.5) / 2)) < 1e-7
     assert abs(metrics["nll_loss"] - 1.25) < 1e-6
+
+
+def test_accuracy_compares_log_probs_even_at_lambda_zero():
+    logps = logps_from_means([-0.5, -2.0, -0.1], [-1.0, -1.5, -0.9])
+    assert orpo_metrics(logps, orpo_terms(logps, 0.0), 0.0)["rewards/accuracies"] == pytest.approx(2 / 3)

@@ -7,11 +7,20 @@ import json
 
 import datasets
 import pytest
+import torch
 from PIL import Image
 
 from vlm_orpo.config import DataConfig
-from vlm_orpo.data.packing import PairEncoder, load_pairs
-from vlm_orpo.data.sources import DataError, open_image, prepare_data
+from vlm_orpo.data.packing import PairDataset, PairEncoder, load_pairs
+from vlm_orpo.data.sources import (
+    RLAIF_V_COLUMNS,
+    BadRow,
+    CanonicalRows,
+    DataError,
+    canonical_row,
+    open_image,
+    prepare_data,
+)
 
 
 def png(color=(200, 30, 30), size=(128, 96), mode="RGB") -> bytes:
@@ -109,9 +118,8 @@ def test_each_bad_row_reason_is_counted_and_good_rows_kept(tmp_path, tiny_proces
         {"image": {"bytes": png(size=(128, 128)), "path": None}, "idx": 7, **GOOD},  # more image tokens
     ]
     path = write_parquet(tmp_path / "bad.parquet", rows)
-    encoder = PairEncoder(tiny_processor)
-    limit = encoder.prompt_length(GOOD["question"], (96, 128))  # the 128x96 rows fit exactly
-    data = prepare_data(path, prompt_length=encoder.prompt_length, max_prompt_tokens=limit)
+    limit = PairEncoder(tiny_processor).prompt_length(GOOD["question"], (96, 128))  # the 128x96 rows fit exactly
+    data = prepare_data(path, check_tokens=PairEncoder(tiny_processor, max_prompt_tokens=limit).check)
     kept = [r["idx"] for r in canonical(data.train)]
     reasons = data.report.reasons
     assert reasons["undecodable image"] == 1
@@ -126,21 +134,87 @@ def test_each_bad_row_reason_is_counted_and_good_rows_kept(tmp_path, tiny_proces
 
 
 def test_prompt_length_matches_encoding(tiny_processor, asset_cache):
-    encoder = PairEncoder(tiny_processor, max_answer_tokens=8)
+    encoder = PairEncoder(tiny_processor)
     train, _, _ = load_pairs(DataConfig(source=asset_cache["train"]), encoder)
     for i in range(6):
         row = train.rows[i]
         image = open_image(row["image"])
         pair = encoder.encode(row)
         assert encoder.prompt_length(row["question"], (image.height, image.width)) == len(pair.prompt_ids)
-        assert pair.chosen_ids[-1] == tiny_processor.tokenizer.eos_token_id
-        assert len(pair.chosen_ids) <= 8 + 1
+        assert pair.chosen_ids[-1] == pair.rejected_ids[-1] == tiny_processor.tokenizer.eos_token_id
 
 
-def test_answer_cap_keeps_eos(tiny_processor):
-    encoder = PairEncoder(tiny_processor, max_answer_tokens=3)
-    ids = encoder.answer_ids("Q?", "a long answer with many many words in it")
-    assert len(ids) == 4 and ids[-1] == tiny_processor.tokenizer.eos_token_id
+def test_a_cut_answer_loses_its_eos_and_is_counted(tmp_path, tiny_processor):
+    eos = tiny_processor.tokenizer.eos_token_id
+    whole = PairEncoder(tiny_processor).answer_ids("Q?", "a long answer with many many words in it")
+    cut = PairEncoder(tiny_processor, max_answer_tokens=3).answer_ids("Q?", "a long answer with many many words in it")
+    assert whole[-1] == eos and len(whole) > 3
+    assert cut == whole[:3] and eos not in cut  # as TRL: the model must not learn to stop mid-answer
+    img = {"bytes": png(), "path": None}
+    rows = [{"image": img, **GOOD}, {"image": img, **{**GOOD, "chosen": "red " * 40}}]
+    data = prepare_data(write_parquet(tmp_path / "d.parquet", rows),
+                        check_tokens=PairEncoder(tiny_processor, max_answer_tokens=12).check)
+    assert len(data.train) == 2 and data.report.truncated["train"] == 1
+    assert "train 2 (1 with an answer cut to max_answer_tokens)" in data.report.summary()
+
+
+def test_chat_questions_that_cannot_hold_one_image_are_skipped_not_fatal(tmp_path, tiny_processor):
+    def user(*content):
+        return {"role": "user", "content": list(content)}
+
+    text = {"type": "text", "text": "Colour?"}
+    image = {"type": "image", "text": None}
+    questions = [
+        [user(image, text)],  # good
+        [user(image, image, text)],  # two image slots for one image
+        [{"role": "system", "content": [text]}],  # no user turn to put the image in
+        [user({"type": "text", "text": "<image> Colour? <image>"})],  # placeholders in the text
+    ]
+    rows = [{"image": {"bytes": png(), "path": None}, "question": q, "chosen": "Red.", "rejected": "Blue."}
+            for q in questions]
+    encoder = PairEncoder(tiny_processor)
+    data = prepare_data(write_parquet(tmp_path / "d.parquet", rows), check_tokens=encoder.check)
+    assert data.train.indices == [0]
+    assert data.report.reasons["bad question"] == 3
+    unchecked = CanonicalRows(data.train.dataset, data.train.columns, [1], data.train.base_dir)
+    bad = PairDataset(unchecked, encoder)  # as if validation had been skipped
+    loader = torch.utils.data.DataLoader(bad, batch_size=1, collate_fn=list)
+    with pytest.raises(RuntimeError, match="failed to encode"):  # never a silent end of the epoch
+        list(loader)
+
+
+def test_numeric_answers_are_text_and_odd_types_are_counted(tmp_path):
+    (tmp_path / "img.png").write_bytes(png())
+    (tmp_path / "d.csv").write_text("image,question,chosen,rejected\nimg.png,How many?,3,4\nimg.png,How many?,2.5,1\n")
+    data = prepare_data(str(tmp_path / "d.csv"))
+    assert [(r["chosen"], r["rejected"]) for r in canonical(data.train)] == [("3", "4"), ("2.5", "1")]
+    raw = {"image": png(), "question": "q", "chosen": True, "rejected": [{"role": "assistant", "content": 7}]}
+    for name, value in (("chosen", True), ("rejected", [{"role": "assistant", "content": 7}])):
+        with pytest.raises(BadRow, match=f"bad {name}"):
+            canonical_row({**raw, "chosen": "a", "rejected": "b", name: value}, RLAIF_V_COLUMNS, 0, False)
+
+
+def test_a_decompression_bomb_is_a_bad_row(monkeypatch):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 128x96 is then over twice the limit
+    with pytest.raises(BadRow, match="undecodable image"):
+        open_image(png())
+
+
+def test_limit_scores_fewer_held_out_rows_and_says_so(asset_cache):
+    full = prepare_data(asset_cache["train"], validation_fraction=0.2, seed=3)
+    limited = prepare_data(asset_cache["train"], validation_fraction=0.2, seed=3, limit=5)
+    assert limited.train.indices == full.train.indices  # the train set never depends on the limit
+    assert len(limited.validation) == 5 and set(limited.validation.indices) <= set(full.validation.indices)
+    assert limited.report.unscored["validation"] == len(full.validation) - 5
+    assert "more held out but not scored" in limited.report.summary()
+
+
+def test_a_named_split_is_never_the_training_data_by_accident(asset_cache, tmp_path):
+    with pytest.raises(DataError, match="one file"):
+        prepare_data(asset_cache["train"], validation_split="validation")
+    assert prepare_data(asset_cache["validation"], want_train=False, validation_split="validation").validation
+    with pytest.raises(DataError, match="no split 'test'"):
+        prepare_data("bundled", validation_split="test")
 
 
 def test_subset_and_validation_fraction_are_seeded_and_disjoint(asset_cache):

@@ -55,9 +55,11 @@ def test_quickstart_improves_and_saves_loadable_adapters(quickstart_run, asset_c
         lora = [n for n, _ in tuned.named_parameters() if "lora_B" in n]
         assert lora, "the adapter must hold LoRA weights"
         assert any(p.abs().sum() > 0 for n, p in tuned.named_parameters() if "lora_B" in n)
-        assert before  # the projector was trained (modules_to_save) and is saved with the adapter
         saved = load_file(str(run / name / "adapter_model.safetensors"))
-        assert any("multi_modal_projector" in k for k in saved)
+        projector = {k.split("multi_modal_projector.")[1]: v for k, v in saved.items() if "multi_modal_projector." in k}
+        base_projector = {k.split("multi_modal_projector.")[1]: v for k, v in before.items()}
+        assert projector and projector.keys() <= base_projector.keys(), "train_projector saves it with the adapter"
+        assert any(not torch.equal(v, base_projector[k]) for k, v in projector.items()), "the projector trained"
 
 
 def small_run_args(run: Path, *extra: str) -> list[str]:
@@ -106,6 +108,17 @@ def test_resume_after_sigkill_matches_uninterrupted_run(asset_cache, tmp_path):
     assert largest_difference(adapter(straight), adapter(killed)) < 0.05 * one_step
     steps = [r["step"] for r in records(killed) if "loss" in r and "train_runtime" not in r]
     assert steps == sorted(set(steps)) == list(range(1, 13)), "metrics.jsonl must hold each step once"
+
+
+def test_a_torn_last_metrics_line_is_dropped_but_a_torn_middle_is_an_error(tmp_path):
+    from vlm_orpo.reporting import read_jsonl
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "lo')  # the writer was killed mid-line
+    assert read_jsonl(path) == [{"step": 1, "loss": 2.0}]
+    path.write_text('{"step": 1, "lo\n{"step": 2, "loss": 2.0}\n')
+    with pytest.raises(json.JSONDecodeError):
+        read_jsonl(path)
 
 
 def test_resume_without_checkpoint_is_a_clear_error(asset_cache, tmp_path):

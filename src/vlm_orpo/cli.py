@@ -7,7 +7,7 @@ import json
 import logging
 import sys
 
-from vlm_orpo.config import ConfigError
+from vlm_orpo.config import ConfigError, positive_int
 from vlm_orpo.data.sources import DataError
 
 USER_ERRORS = (ConfigError, DataError, FileNotFoundError)
@@ -70,9 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapters", nargs="*", default=[], help="adapter directories, each scored on the same base")
     p.add_argument("--data", help="data source (default: config's data.source)")
     p.add_argument("--split", help="named split to score (default: config's validation split or fraction)")
-    p.add_argument("--limit", type=int, help="score at most N pairs")
+    p.add_argument("--limit", type=positive_int, help="score at most N pairs")
     p.add_argument("--lambda", dest="orpo_lambda", type=float, default=None, help="ORPO lambda (default 10, as the seed)")
-    p.add_argument("--batch-size", type=int, default=4, help="pairs per forward")
+    p.add_argument("--batch-size", type=positive_int, default=4, help="pairs per forward")
     p.add_argument("--out", default="eval", help="output directory for results.md/json/csv and plots")
     p.add_argument("--per-pair", help="write one JSON object per pair and model to this JSONL file")
     p.add_argument("--generate", type=int, default=0, metavar="N", help="answer N prompts greedily with each model")

@@ -9,6 +9,8 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import re
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -63,7 +65,9 @@ class DataConfig:
     def __post_init__(self):
         _check(0 < self.subset_fraction <= 1, f"data.subset_fraction must be in (0, 1], got {self.subset_fraction}")
         _check(0 <= self.validation_fraction < 1, "data.validation_fraction must be in [0, 1)")
-        _check(self.max_answer_tokens > 0, f"data.max_answer_tokens must be positive, got {self.max_answer_tokens}")
+        for name in ("max_answer_tokens", "max_prompt_tokens", "max_tokens_per_row", "eval_limit"):
+            value = getattr(self, name)
+            _check(value is None or value > 0, f"data.{name} must be positive, got {value}")
 
 
 @dataclass
@@ -130,6 +134,19 @@ class RunConfig:
 SECTIONS = {"data": DataConfig, "model": ModelConfig, "lora": LoraSettings, "training": OrpoTrainingArguments}
 
 
+def positive_int(text: str) -> int:
+    """argparse type: a count of at least 1 (argparse turns the error into one usage line)."""
+    import argparse
+
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def _check(ok: bool, message: str) -> None:
     if not ok:
         raise ConfigError(message)
@@ -142,11 +159,34 @@ def _unknown_key_error(section: str, key: str, valid: list[str]) -> ConfigError:
     return ConfigError(f"unknown key {section}.{key}.{hint} Valid keys: {', '.join(shown)}")
 
 
+def _fits(value: Any, hint: Any) -> bool:
+    """Whether a YAML value fits a field's annotation (str, int, float, bool, None, dict, list and unions)."""
+    if hint is Any:
+        return True
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits(value, arg) for arg in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, origin or hint)
+
+
 def build_dataclass(cls, values: dict[str, Any], section: str):
     valid = [f.name for f in dataclasses.fields(cls) if f.init]
     for key in values:
         if key not in valid:
             raise _unknown_key_error(section, key, sorted(valid))
+    if cls is not OrpoTrainingArguments:  # TrainingArguments converts and checks its own values
+        hints = typing.get_type_hints(cls)
+        for key, value in values.items():
+            if not _fits(value, hints[key]):
+                hint = hints[key]
+                wanted = hint.__name__ if isinstance(hint, type) else str(hint).replace("typing.", "")
+                raise ConfigError(f"{section}.{key} must be {wanted}, got {value!r}")
     try:
         return cls(**values)
     except ConfigError:

@@ -18,7 +18,7 @@ import torch
 
 from vlm_orpo.config import ConfigError, load_config
 from vlm_orpo.data.packing import PackedCollator, PairEncoder, load_pairs
-from vlm_orpo.data.sources import open_image
+from vlm_orpo.data.sources import BadRow, open_image
 from vlm_orpo.modeling.load import load_base_model, load_processor
 from vlm_orpo.modeling.shared_prefix import set_attention_backend
 from vlm_orpo.reporting import COLUMNS, plot_comparison, results_table
@@ -106,7 +106,8 @@ def run_evaluate(args) -> dict:
     per_pair = open(args.per_pair, "w") if args.per_pair else None
     try:
         for name, model in model_variants(base, args.adapters):
-            scores = score_batches(model, _Batches(dataset, collator, args.batch_size), backend, orpo_lambda)
+            batches = _Batches(dataset, collator, args.batch_size)
+            scores = score_batches(model, batches, backend, orpo_lambda, bool(cfg.training.get("sft_on_prompt", False)))
             rows.append((name, scores.summary(orpo_lambda)))
             if per_pair:
                 write_per_pair(per_pair, name, scores)
@@ -157,7 +158,9 @@ def generate(model, encoder: PairEncoder, image, question, max_new_tokens: int) 
     """Greedy answer to one image and question, formatted with the same chat template as training."""
     prompt = encoder.prompt_text(question)
     device = next(model.parameters()).device
-    inputs = encoder.processor(images=[open_image(image)], text=[prompt], return_tensors="pt").to(device)
+    inputs = encoder.processor(
+        images=[open_image(image)], text=[prompt], return_tensors="pt", **encoder.prompt_tokenizer_kwargs(prompt)
+    ).to(device)
     inputs["pixel_values"] = inputs["pixel_values"].to(next(model.parameters()).dtype)
     output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
     return encoder.tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip()
@@ -177,11 +180,15 @@ def load_pope(path: str) -> list[dict]:
     if missing:
         raise ConfigError(f"POPE file {path} lacks column(s) {sorted(missing)}; it needs image, question, label")
     rows = []
-    for row in data:
+    for number, row in enumerate(data):
         label = str(row["label"]).strip().lower()
         if label not in ("yes", "no"):
-            raise ConfigError(f"POPE file {path}: label must be yes or no, got {row['label']!r}")
-        rows.append({"image": open_image(row["image"], base_dir), "question": row["question"], "label": label})
+            raise ConfigError(f"POPE file {path} row {number}: label must be yes or no, got {row['label']!r}")
+        try:
+            image = open_image(row["image"], base_dir)
+        except BadRow as exc:  # a benchmark with a hole in it is not the same benchmark: stop, say where
+            raise ConfigError(f"POPE file {path} row {number}: {exc}") from None
+        rows.append({"image": image, "question": row["question"], "label": label})
     return rows
 
 

@@ -8,6 +8,7 @@ safetensors weights, config, generation config, processor and chat template, loa
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import re
@@ -72,7 +73,7 @@ def merge_adapter(
     from peft import PeftModel
     from transformers import AutoModelForImageTextToText
 
-    from vlm_orpo.modeling.load import load_processor, model_family, resolve_model_path
+    from vlm_orpo.modeling.load import from_pretrained, load_processor, model_family
 
     adapter, out = Path(adapter).expanduser(), Path(out).expanduser()
     base = base or adapter_base(adapter)
@@ -80,12 +81,7 @@ def merge_adapter(
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise ConfigError(f"output directory {out} is not empty; pass --overwrite to replace its files")
     family = model_family(cfg)
-    model = AutoModelForImageTextToText.from_pretrained(
-        resolve_model_path(cfg.name_or_path),
-        dtype=dtype,  # "auto" keeps the checkpoint's dtype
-        revision=revision,
-        trust_remote_code=trust_remote_code,
-    )
+    model = from_pretrained(AutoModelForImageTextToText, cfg, dtype=dtype)  # "auto" keeps the checkpoint's dtype
     try:
         model = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
     except Exception as exc:  # wrong base, shape mismatch, not LoRA: one line for the user
@@ -143,10 +139,7 @@ def rename_for_vllm(model_dir: str | Path, family: str) -> int:
     from safetensors.torch import save_file
 
     model_dir = Path(model_dir)
-
-    def rename(key: str) -> str:
-        return vllm_name(key, family)
-
+    rename = functools.partial(vllm_name, family=family)
     renamed = 0
     for shard in sorted(model_dir.glob("*.safetensors")):
         with safe_open(shard, "pt") as f:

@@ -77,7 +77,7 @@ def orpo_metrics(logps: PairLogps, terms: OrpoTerms, orpo_lambda: float) -> dict
     return {
         "rewards/chosen": chosen_rewards.mean().item(),
         "rewards/rejected": rejected_rewards.mean().item(),
-        "rewards/accuracies": (chosen_rewards > rejected_rewards).float().mean().item(),
+        "rewards/accuracies": (logps.chosen > logps.rejected).float().mean().item(),  # also right at lambda 0
         "rewards/margins": (chosen_rewards - rejected_rewards).mean().item(),
         "logps/chosen": logps.chosen.detach().mean().item(),
         "logps/rejected": logps.rejected.detach().mean().item(),

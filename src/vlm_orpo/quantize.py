@@ -20,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-from vlm_orpo.config import ConfigError
+from vlm_orpo.config import ConfigError, positive_int
 
 log = logging.getLogger(__name__)
 
@@ -46,8 +46,8 @@ def add_quantize_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="output directory for the compressed-tensors checkpoint")
     parser.add_argument("--data", default="bundled", help="preference data for calibration (as `train` reads)")
     parser.add_argument("--split", default="train", help="split of --data to draw calibration samples from")
-    parser.add_argument("--num-samples", type=int, default=256, help="calibration samples (prompt + chosen)")
-    parser.add_argument("--max-answer-tokens", type=int, default=256, help="cap on the chosen answer's tokens")
+    parser.add_argument("--num-samples", type=positive_int, default=256, help="calibration samples (prompt + chosen)")
+    parser.add_argument("--max-answer-tokens", type=positive_int, default=256, help="cap on the chosen answer's tokens")
     parser.add_argument("--seed", type=int, default=42, help="which calibration samples are drawn")
     parser.add_argument(
         "--python",
@@ -126,11 +126,12 @@ def calibration_samples(processor, data: str, split: str, n: int, seed: int, max
     rng = random.Random(seed)
     candidates = rng.sample(range(len(dataset)), min(len(dataset), 2 * n))
     report = SkipReport()
-    rows = select_rows(dataset, resolve_columns(dataset.column_names, None), split, report, base_dir, candidates)
+    encoder = PairEncoder(processor, max_answer_tokens=max_answer_tokens)
+    columns = resolve_columns(dataset.column_names, None)
+    rows = select_rows(dataset, columns, split, report, base_dir, candidates, encoder.check)
     log.info("calibration %s", report.summary())
     if not len(rows):
         raise ConfigError(f"no usable calibration rows in {data!r} split {split!r}")
-    encoder = PairEncoder(processor, max_answer_tokens=max_answer_tokens)
     samples = []
     for i in range(min(n, len(rows))):  # rows keep the random order they were drawn in
         row = dict(rows[i])

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 COLUMNS = (
     ("loss", "ORPO loss (λ = {lam:g})"),
@@ -60,7 +63,17 @@ TRAIN_CURVES = (
 
 
 def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    """Records of a JSONL file. A torn last line (its writer was killed mid-line) is dropped with a warning."""
+    lines = [line for line in Path(path).read_text().splitlines() if line.strip()]
+    records = []
+    for number, line in enumerate(lines):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if number < len(lines) - 1:
+                raise
+            log.warning("%s: dropped its torn last line %r", path, line[:80])
+    return records
 
 
 def plot_training(metrics_path: Path, out_dir: Path) -> list[Path]:

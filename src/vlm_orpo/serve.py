@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 
-from vlm_orpo.config import ConfigError
+from vlm_orpo.config import ConfigError, positive_int
 
 log = logging.getLogger(__name__)
 
@@ -63,8 +63,8 @@ def add_serve_arguments(parser) -> None:
         "--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
         help="compute dtype (auto: vLLM's choice; W4A16 on CPU needs bfloat16 and gets it)",
     )
-    parser.add_argument("--max-model-len", type=int, help="context length (default: the model's)")
-    parser.add_argument("--cpu-kv-cache-gib", type=int, default=1, help="CPU only: KV cache size (default 1 GiB)")
+    parser.add_argument("--max-model-len", type=positive_int, help="context length (default: the model's)")
+    parser.add_argument("--cpu-kv-cache-gib", type=positive_int, default=1, help="CPU only: KV cache size (default 1 GiB)")
     parser.add_argument("--cache-dir", help="vLLM's cache directory (default: ~/.cache/vlm-orpo/vllm)")
     parser.add_argument("--tmp-dir", help="where the per-run temp directory goes (default: the system's)")
     parser.add_argument(

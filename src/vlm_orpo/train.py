@@ -265,7 +265,7 @@ def dry_run(cfg: RunConfig) -> str:
     from transformers import AutoConfig, AutoModelForImageTextToText
 
     from vlm_orpo.config import BUNDLED
-    from vlm_orpo.data.sources import _FILE_FORMATS, DataError
+    from vlm_orpo.data.sources import DataError, local_source_path
     from vlm_orpo.modeling.load import resolve_model_path
 
     notes = []
@@ -274,8 +274,8 @@ def dry_run(cfg: RunConfig) -> str:
         notes.append("no GPU here: the training arguments were checked as if on CPU (bf16/qlora runs need a GPU)")
     args = cfg.training_args(**({} if on_gpu else {"use_cpu": True}))  # builds and checks every training value
     source = cfg.data.source
-    looks_local = source.startswith((".", "/", "~")) or Path(source).suffix.lower() in _FILE_FORMATS
-    if source != BUNDLED and looks_local and not Path(source).expanduser().exists():
+    path = local_source_path(source) if source != BUNDLED else None
+    if path is not None and not path.exists():
         raise DataError(f"data path not found: {source}")
     try:
         config = AutoConfig.from_pretrained(

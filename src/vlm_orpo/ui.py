@@ -27,7 +27,7 @@ import uuid
 from pathlib import Path
 from typing import Iterator
 
-from vlm_orpo.config import ConfigError
+from vlm_orpo.config import ConfigError, positive_int
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +49,7 @@ def add_chat_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     parser.add_argument("--port", type=int, default=7860)
     parser.add_argument("--max-upload-mb", type=float, default=10.0, help="largest image accepted")
-    parser.add_argument("--max-tokens", type=int, default=512, help="answer length cap")
+    parser.add_argument("--max-tokens", type=positive_int, default=512, help="answer length cap")
     parser.add_argument("--temperature", type=float, default=0.0)
 
 

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from vlm_orpo.data.sources import open_image
+from vlm_orpo.data.sources import BadRow, open_image
 
 PAD, PROMPT, CHOSEN, REJECTED = -1, 0, 1, 2
 # Log-prob segments per pair: index = 3 * pair + kind.
@@ -51,25 +51,30 @@ class PairEncoder:
         if isinstance(question, str):
             text = question.replace(self.processor.image_token, "").strip()
             return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
+        if not all(isinstance(m, dict) and isinstance(m.get("role"), str) for m in question):
+            raise BadRow("bad question", "chat messages must each be a mapping with a role")
         messages = [dict(m) for m in question]
         has_image = any(
-            isinstance(m.get("content"), list) and any(c.get("type") == "image" for c in m["content"])
+            isinstance(m.get("content"), list) and any(isinstance(c, dict) and c.get("type") == "image" for c in m["content"])
             for m in messages
         )
         if not has_image:  # one image per pair: put it at the start of the first user turn
-            first_user = next(m for m in messages if m["role"] == "user")
-            content = first_user["content"]
+            users = [m for m in messages if m["role"] == "user"]
+            if not users:
+                raise BadRow("bad question", "the chat messages have no user turn")
+            content = users[0].get("content") or ""
             content = [{"type": "text", "text": content}] if isinstance(content, str) else list(content)
-            first_user["content"] = [{"type": "image"}, *content]
+            users[0]["content"] = [{"type": "image"}, *content]
         return messages
 
     def prompt_text(self, question) -> str:
         return self.processor.apply_chat_template(self.messages(question), add_generation_prompt=True, tokenize=False)
 
     def answer_ids(self, question, answer: str, prompt: str | None = None) -> list[int]:
-        """The assistant turn's tokens as the chat template writes them, capped, then EOS.
+        """The assistant turn's tokens as the chat template writes them, then EOS, at most max_answer_tokens.
 
-        `prompt` is the already rendered prompt of `question`, so `encode` renders it once per pair."""
+        A cut answer loses its EOS, as in TRL: the model must not learn to stop mid-answer. `prompt` is the
+        already rendered prompt of `question`, so `encode` renders it once per pair."""
         prompt = prompt if prompt is not None else self.prompt_text(question)
         turn = {"role": "assistant", "content": [{"type": "text", "text": answer}]}
         full = self.processor.apply_chat_template(self.messages(question) + [turn], tokenize=False)
@@ -78,27 +83,40 @@ class PairEncoder:
         completion = completion.rstrip()
         if eos and completion.endswith(eos):
             completion = completion[: -len(eos)]
-        ids = self.tokenizer(completion, add_special_tokens=False)["input_ids"][: self.max_answer_tokens]
-        return [*ids, self.eos_token_id]
+        ids = self.tokenizer(completion, add_special_tokens=False)["input_ids"]
+        return [*ids, self.eos_token_id][: self.max_answer_tokens]
 
-    def _tokenize_prompt_text(self, prompt: str, **kwargs) -> dict:
+    def prompt_tokenizer_kwargs(self, prompt: str) -> dict:
+        """A rendered prompt that already starts with BOS (merged models' templates write it) gets no second."""
         bos = self.tokenizer.bos_token
-        add_special = not (bos and prompt.startswith(bos))  # never a second BOS
-        return dict(add_special_tokens=add_special, **kwargs)
+        return {"add_special_tokens": not (bos and prompt.startswith(bos))}
 
     def prompt_length(self, question, image_size: tuple[int, int]) -> int:
         """Prompt tokens with image tokens expanded, from the image size alone (no pixel work)."""
         prompt = self.prompt_text(question)
-        text_ids = self.tokenizer(prompt, **self._tokenize_prompt_text(prompt))["input_ids"]
+        text_ids = self.tokenizer(prompt, **self.prompt_tokenizer_kwargs(prompt))["input_ids"]
+        placeholders = text_ids.count(self.image_token_id)
+        if placeholders != 1:
+            raise BadRow("bad question", f"the prompt holds {placeholders} image placeholders; a pair has one image")
         height, width = image_size
         n_image = self.processor._get_num_multimodal_tokens(image_sizes=[[height, width]])["num_image_tokens"][0]
         return len(text_ids) - 1 + n_image
+
+    def check(self, row: dict, image_size: tuple[int, int]) -> bool:
+        """Raise BadRow for a row the model cannot take whole; return whether an answer will be cut."""
+        n = self.prompt_length(row["question"], image_size)
+        if self.max_prompt_tokens is not None and n > self.max_prompt_tokens:
+            raise BadRow("prompt too long", f"{n} tokens > max_prompt_tokens {self.max_prompt_tokens}")
+        prompt = self.prompt_text(row["question"])
+        return any(
+            self.answer_ids(row["question"], row[name], prompt)[-1] != self.eos_token_id for name in ("chosen", "rejected")
+        )
 
     def encode(self, row: dict) -> EncodedPair:
         prompt = self.prompt_text(row["question"])
         image = open_image(row["image"])
         inputs = self.processor(
-            images=[image], text=[prompt], return_tensors="pt", **self._tokenize_prompt_text(prompt)
+            images=[image], text=[prompt], return_tensors="pt", **self.prompt_tokenizer_kwargs(prompt)
         )
         prompt_ids = inputs.pop("input_ids")[0].tolist()
         inputs.pop("attention_mask", None)
@@ -122,7 +140,10 @@ class PairDataset(torch.utils.data.Dataset):
         return len(self.rows)
 
     def __getitem__(self, i: int) -> EncodedPair:
-        return self.encoder.encode(self.rows[i])
+        try:
+            return self.encoder.encode(self.rows[i])
+        except (BadRow, StopIteration) as exc:  # a StopIteration here would silently end the DataLoader's epoch
+            raise RuntimeError(f"pair {i} passed validation but failed to encode: {exc!r}") from exc
 
 
 def collate_image_inputs(per_pair: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -256,8 +277,7 @@ def load_pairs(data_cfg, encoder: PairEncoder, *, train: bool = True, limit: int
         seed=data_cfg.seed,
         columns=data_cfg.columns,
         where=data_cfg.where,
-        prompt_length=encoder.prompt_length,
-        max_prompt_tokens=data_cfg.max_prompt_tokens,
+        check_tokens=encoder.check,
     )
     wrap = lambda rows: PairDataset(rows, encoder) if rows is not None and len(rows) else None  # noqa: E731
     return wrap(prepared.train), wrap(prepared.validation), prepared.report

@@ -60,7 +60,7 @@ def open_image(value, base_dir: Path | None = None) -> Image.Image:
         else:
             raise BadRow("missing image", f"no image data in {type(value).__name__}")
         image.load()
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError, ValueError) as exc:
         if isinstance(exc, BadRow):
             raise
         raise BadRow("undecodable image", str(exc).splitlines()[0][:200]) from None
@@ -78,21 +78,30 @@ def resolve_image_path(value, base_dir: Path | None):
     return value
 
 
-def _text(value) -> str | None:
-    """An answer as plain text: a string, or TRL's chat form (a list of messages with text content)."""
+def _text(value, name: str = "answer") -> str | None:
+    """An answer as plain text: a string, a number, or TRL's chat form (a list of messages with text content)."""
     if value is None:
         return None
     if isinstance(value, str):
         return value
+    if isinstance(value, (int, float)) and not isinstance(value, bool):  # e.g. a CSV column of counts
+        # a CSV column holding 3 and 2.5 is read as floats: the answer "3" must not come back as "3.0"
+        return str(int(value)) if isinstance(value, float) and value.is_integer() else str(value)
     if isinstance(value, dict):
         value = [value]
+    if not isinstance(value, (list, tuple)):
+        raise BadRow(f"bad {name}", f"a {type(value).__name__}, not text or chat messages")
     parts = []
     for message in value:
-        content = message.get("content", "") if isinstance(message, dict) else message
+        content = message.get("content") if isinstance(message, dict) else message
+        if content is None:
+            continue
         if isinstance(content, str):
             parts.append(content)
+        elif isinstance(content, (list, tuple)):
+            parts.extend(str(c.get("text") or "") for c in content if isinstance(c, dict) and c.get("type") == "text")
         else:
-            parts.extend(c.get("text", "") for c in content if isinstance(c, dict) and c.get("type") == "text")
+            raise BadRow(f"bad {name}", f"message content is a {type(content).__name__}")
     return "".join(parts)
 
 
@@ -100,7 +109,7 @@ def _question(value):
     """Plain question text, or chat messages kept as given (the encoder formats both)."""
     if isinstance(value, list) and value and isinstance(value[0], dict) and "role" in value[0]:
         return value
-    return _text(value)
+    return _text(value, "question")
 
 
 @dataclass
@@ -110,6 +119,8 @@ class SkipReport:
     reasons: Counter = field(default_factory=Counter)
     rows: list[tuple[str, int, Any, str]] = field(default_factory=list)  # (split, row, idx, message)
     kept: Counter = field(default_factory=Counter)
+    truncated: Counter = field(default_factory=Counter)  # kept rows with an answer cut to max_answer_tokens
+    unscored: Counter = field(default_factory=Counter)  # held-out rows left out by an evaluation limit
 
     def skip(self, split: str, row: int, idx: Any, error: BadRow) -> None:
         self.reasons[error.reason] += 1
@@ -121,7 +132,13 @@ class SkipReport:
         return sum(self.reasons.values())
 
     def summary(self) -> str:
-        kept = ", ".join(f"{split} {n}" for split, n in self.kept.items())
+        notes = {split: [] for split in self.kept}
+        for split, n in (+self.truncated).items():  # unary + drops zero counts
+            notes.setdefault(split, []).append(f"{n} with an answer cut to max_answer_tokens")
+        for split, n in (+self.unscored).items():
+            notes.setdefault(split, []).append(f"{n} more held out but not scored: limit")
+        kept = ", ".join(f"{split} {n}" + (f" ({'; '.join(notes[split])})" if notes[split] else "")
+                         for split, n in self.kept.items())
         if not self.reasons:
             return f"data: kept {kept}; no rows skipped"
         by_reason = ", ".join(f"{reason}: {n}" for reason, n in self.reasons.most_common())
@@ -160,8 +177,8 @@ def canonical_row(raw: dict, columns: dict[str, str], row_number: int, has_idx: 
         "idx": raw["idx"] if has_idx else row_number,
         "image": image,
         "question": _question(raw[columns["question"]]),
-        "chosen": _text(raw[columns["chosen"]]),
-        "rejected": _text(raw[columns["rejected"]]),
+        "chosen": _text(raw[columns["chosen"]], "chosen"),
+        "rejected": _text(raw[columns["rejected"]], "rejected"),
     }
 
 
@@ -213,16 +230,28 @@ def _load_local(path: Path, split: str) -> datasets.DatasetDict | datasets.Datas
     return datasets.load_dataset(fmt, data_files={split: str(path)})
 
 
+def local_source_path(source: str) -> Path | None:
+    """The path of a local data source; None for a hub dataset name."""
+    path = Path(source).expanduser()
+    if path.exists() or path.suffix.lower() in _FILE_FORMATS or source.startswith((".", "/", "~")):
+        return path
+    return None
+
+
 def load_source(source: str, split: str = "train") -> tuple[datasets.Dataset, Path | None]:
-    """One split of a dataset, with the folder that relative image paths are read from."""
+    """One split of a dataset, with the folder that relative image paths are read from.
+
+    A single file is one split: whatever split is asked for, it is the whole file."""
     if source == BUNDLED:
         from vlm_orpo.assets import ensure_assets
 
-        source = ensure_assets()[split if split in ("train", "validation") else "train"]
-    path = Path(source).expanduser()
-    looks_local = path.exists() or path.suffix.lower() in _FILE_FORMATS or source.startswith((".", "/", "~"))
+        files = ensure_assets()
+        if split not in ("train", "validation"):
+            raise DataError(f"the bundled data has no split {split!r}; it has ['train', 'validation']")
+        source = files[split]
+    path = local_source_path(source)
     try:
-        if looks_local:
+        if path is not None:
             if not path.exists():
                 raise DataError(f"data path not found: {path}")
             loaded, base_dir = _load_local(path, split), (path if path.is_dir() else path.parent)
@@ -246,10 +275,12 @@ def select_rows(
     report: SkipReport,
     base_dir: Path | None = None,
     positions: list[int] | None = None,
-    prompt_length: Callable[[Any, tuple[int, int]], int] | None = None,
-    max_prompt_tokens: int | None = None,
+    check_tokens: Callable[[dict, tuple[int, int]], bool] | None = None,
 ) -> CanonicalRows:
-    """Validate rows (images are decoded once, then dropped) and keep the good ones."""
+    """Validate rows (images are decoded once, then dropped) and keep the good ones.
+
+    `check_tokens(row, (height, width))` (the encoder's) raises BadRow for a row the model cannot take and
+    returns whether an answer will be cut, which is counted."""
     image_col = columns["image"]
     undecoded = dataset
     feature = dataset.features.get(image_col)
@@ -265,13 +296,11 @@ def select_rows(
         try:
             row = canonical_row(raw, columns, row_number, has_idx)
             size = check_row(row, base_dir)
-            if prompt_length is not None and max_prompt_tokens is not None:
-                n = prompt_length(row["question"], size)
-                if n > max_prompt_tokens:
-                    raise BadRow("prompt too long", f"{n} tokens > max_prompt_tokens {max_prompt_tokens}")
+            truncated = check_tokens(row, size) if check_tokens is not None else False
         except BadRow as err:
             report.skip(split_name, row_number, idx, err)
             continue
+        report.truncated[split_name] += truncated
         kept.append(row_number)
     report.kept[split_name] = len(kept)
     return CanonicalRows(undecoded, columns, kept, base_dir)
@@ -308,14 +337,20 @@ def prepare_data(
     seed: int = 42,
     columns: dict[str, str] | None = None,
     where: dict[str, Any] | None = None,
-    prompt_length: Callable | None = None,
-    max_prompt_tokens: int | None = None,
+    check_tokens: Callable | None = None,
 ) -> PreparedData:
     """Load, subset, split and validate. A named validation split wins over validation_fraction.
 
     With want_train=False (evaluation) the train split is still read when validation is a fraction of it,
-    but only the validation rows are validated.
+    but only the validation rows are validated. `limit` scores fewer held-out rows; it never gives the rest
+    to training, so the train set does not depend on it.
     """
+    path = local_source_path(source) if source != BUNDLED else None
+    if want_train and validation_split and path is not None and path.is_file():
+        raise DataError(
+            f"{source} is one file, so it has no separate {validation_split!r} split; "
+            "hold out part of it with data.validation_fraction"
+        )
     report = SkipReport()
 
     def pick(dataset: datasets.Dataset, fraction: float) -> list[int]:
@@ -326,7 +361,13 @@ def prepare_data(
 
     def validated(dataset, name, base_dir, positions):
         cols = resolve_columns(dataset.column_names, columns)
-        return select_rows(dataset, cols, name, report, base_dir, positions, prompt_length, max_prompt_tokens)
+        return select_rows(dataset, cols, name, report, base_dir, positions, check_tokens)
+
+    def limited(positions: list[int], name: str) -> list[int]:
+        if limit is not None and len(positions) > limit:
+            report.unscored[name] = len(positions) - limit
+            return positions[:limit]
+        return positions
 
     train = validation = None
     if want_train or (validation_split is None and validation_fraction > 0):
@@ -335,11 +376,11 @@ def prepare_data(
         if validation_split is None and validation_fraction > 0:
             n_val = max(1, round(len(positions) * validation_fraction))
             shuffled = np.random.default_rng(seed + 1).permutation(positions).tolist()
-            val_positions, positions = sorted(shuffled[:n_val])[:limit], sorted(shuffled[n_val:])
+            val_positions, positions = limited(sorted(shuffled[:n_val]), "validation"), sorted(shuffled[n_val:])
             validation = validated(data, "validation", base_dir, val_positions)
         if want_train:
             train = validated(data, train_split, base_dir, positions)
     if validation_split:
         data, base_dir = load_source(source, validation_split)
-        validation = validated(data, validation_split, base_dir, pick(data, 1.0)[:limit])
+        validation = validated(data, validation_split, base_dir, limited(pick(data, 1.0), validation_split))
     return PreparedData(train=train, validation=validation, report=report)

@@ -36,14 +36,22 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return _DTYPES[dtype]
 
 
+def from_pretrained(loader, cfg: ModelConfig, **kwargs):
+    """`loader.from_pretrained` of the configured model; a hub name typo or a missing file is one line."""
+    try:
+        return loader.from_pretrained(
+            resolve_model_path(cfg.name_or_path), revision=cfg.revision, trust_remote_code=cfg.trust_remote_code, **kwargs
+        )
+    except OSError as exc:
+        raise ConfigError(f"cannot load model {cfg.name_or_path!r}: {str(exc).splitlines()[0]}") from None
+
+
 def load_processor(cfg: ModelConfig):
-    path = resolve_model_path(cfg.name_or_path)
-    return AutoProcessor.from_pretrained(path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+    return from_pretrained(AutoProcessor, cfg)
 
 
 def model_family(cfg: ModelConfig) -> ModelFamily:
-    path = resolve_model_path(cfg.name_or_path)
-    config = AutoConfig.from_pretrained(path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+    config = from_pretrained(AutoConfig, cfg)
     try:
         return family_for(config)
     except ValueError as exc:
@@ -51,7 +59,6 @@ def model_family(cfg: ModelConfig) -> ModelFamily:
 
 
 def load_base_model(cfg: ModelConfig, device: torch.device, quantize_4bit: bool = False):
-    path = resolve_model_path(cfg.name_or_path)
     family = model_family(cfg)
     kwargs = {}
     if quantize_4bit:
@@ -66,13 +73,8 @@ def load_base_model(cfg: ModelConfig, device: torch.device, quantize_4bit: bool 
             bnb_4bit_compute_dtype=resolve_dtype(cfg.dtype, device),
             llm_int8_skip_modules=[family.vision_tower, family.projector, "lm_head"],
         )
-    model = AutoModelForImageTextToText.from_pretrained(
-        path,
-        dtype=resolve_dtype(cfg.dtype, device),
-        revision=cfg.revision,
-        trust_remote_code=cfg.trust_remote_code,
-        attn_implementation="sdpa",
-        **kwargs,
+    model = from_pretrained(
+        AutoModelForImageTextToText, cfg, dtype=resolve_dtype(cfg.dtype, device), attn_implementation="sdpa", **kwargs
     )
     return model if quantize_4bit else model.to(device)
 
