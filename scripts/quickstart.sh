@@ -4,4 +4,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh
 . "${VLM_ORPO_VENV:-.venv}/bin/activate"
-vlm-orpo train --config configs/quickstart.yaml "$@"
+vlm-orpo train --config configs/quickstart.yaml --overwrite "$@"  # a rerun starts runs/quickstart over

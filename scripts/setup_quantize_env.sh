@@ -15,7 +15,8 @@ TORCH=${VLM_ORPO_TORCH:-torch==2.13.0}
 PY="$VENV/bin/python"
 "$PY" -m pip install --quiet --upgrade pip
 "$PY" -m pip install --quiet "$TORCH"
-"$PY" -m pip install --quiet -c constraints.txt -e . \
+# flock: test.sh runs this beside setup_ui_test_env.sh, and both editable installs write src/*.egg-info
+flock .editable-install.lock "$PY" -m pip install --quiet -c constraints.txt -e . \
     "llmcompressor==0.14.0.1" "compressed-tensors==0.19.0" "auto-round==0.15.1"
 "$PY" -c "import llmcompressor, compressed_tensors, torch; print('quantize env ready:', '$VENV', \
 'llmcompressor', llmcompressor.__version__, 'compressed-tensors', compressed_tensors.__version__, 'torch', torch.__version__)"

@@ -11,6 +11,6 @@ if ! command -v chromium >/dev/null 2>&1; then
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends chromium fonts-dejavu-core >/dev/null
 fi
 [ -x "$VENV/bin/python" ] || bash scripts/install.sh
-"$VENV/bin/python" -m pip install --quiet -c constraints.txt -e ".[ui]" \
+flock .editable-install.lock "$VENV/bin/python" -m pip install --quiet -c constraints.txt -e ".[ui]" \
     "gradio==6.31.0" "openai==3.51.0" "playwright==1.65.2"
 chromium --version

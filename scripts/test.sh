@@ -5,7 +5,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh dev
-# Independent installs run side by side; each is checked.
+# Independent installs run side by side; each is checked, and none outlives a failure of this script.
+trap 'kill $(jobs -p) 2>/dev/null || true' EXIT
 bash scripts/setup_quantize_env.sh > .setup-quantize.log 2>&1 & quantize=$!
 bash scripts/setup_serve_env.sh > .setup-serve.log 2>&1 & serve=$!
 bash scripts/setup_ui_test_env.sh

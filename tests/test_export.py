@@ -162,6 +162,8 @@ def test_merge_refuses_bad_input(asset_cache, adapter, merged, tmp_path):
         merge_adapter(adapter, merged)
     with pytest.raises(ConfigError, match="model path not found"):
         merge_adapter(adapter, tmp_path / "out", base="/nonexistent/base")
+    with pytest.raises(ConfigError, match="is a LoRA adapter, not a model"):
+        merge_adapter(adapter, tmp_path / "out", base=str(adapter))
     config = json.loads((adapter / "adapter_config.json").read_text())
     orphan = tmp_path / "orphan"
     orphan.mkdir()

@@ -116,6 +116,11 @@ def test_model_directory_checks(tmp_path):
         command(tmp_path, "--model", str(adapter))
     cmd, _ = command(tmp_path, "--model", "llava-hf/llava-1.5-7b-hf")  # hub names are vLLM's to check
     assert cmd[cmd.index("--model") + 1] == "llava-hf/llava-1.5-7b-hf"
+    (tmp_path / "runs").mkdir()
+    with pytest.raises(ConfigError, match="not found: runs/mergd"):  # a local folder's typo, not a hub name
+        with pytest.MonkeyPatch.context() as mp:
+            mp.chdir(tmp_path)
+            command(tmp_path, "--model", "runs/mergd")
 
 
 def test_unmerged_adapter_flags(tmp_path):
@@ -130,6 +135,10 @@ def test_unmerged_adapter_flags(tmp_path):
     cmd, _ = command(tmp_path, "--model", str(tmp_path / "base"), "--adapter", str(adapter))
     assert cmd[cmd.index("--lora-modules") + 1] == f"best={adapter}" and "--enable-lora" in cmd
     assert cmd[cmd.index("--max-lora-rank") + 1] == "8"
+    for rank, served in ((4, "8"), (24, "32"), (512, "512")):  # vLLM takes only its own list of ranks
+        (adapter / "adapter_config.json").write_text(json.dumps({"r": rank, "modules_to_save": None}))
+        cmd, _ = command(tmp_path, "--model", str(tmp_path / "base"), "--adapter", str(adapter))
+        assert cmd[cmd.index("--max-lora-rank") + 1] == served
     (adapter / "adapter_config.json").write_text(json.dumps({"r": 8, "modules_to_save": ["multi_modal_projector"]}))
     with pytest.raises(ConfigError, match="merge it"):
         command(tmp_path, "--model", str(tmp_path / "base"), "--adapter", str(adapter))
@@ -466,3 +475,19 @@ def test_vllm_serves_a_w4a16_checkpoint_on_cpu(serve_python, w4a16, sample, tmp_
     choice = reply["choices"][0]
     assert choice["finish_reason"] in ("stop", "length") and choice["token_ids"]
     assert reply["usage"]["prompt_tokens"] == len(reply["prompt_token_ids"]) > 336  # the image's 336 tokens + text
+
+
+def test_a_taken_port_is_one_line_before_vllm_loads(tmp_path):
+    import socket
+
+    from vlm_orpo.sidecar import check_port_free
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(ConfigError, match=f"port {port} on 127.0.0.1 is in use"):
+            check_port_free("127.0.0.1", port)
+    check_port_free("127.0.0.1", port)  # free again
+    with pytest.raises(ConfigError, match="1..65535"):
+        check_port_free("127.0.0.1", 70000)

@@ -180,3 +180,14 @@ def test_flex_block_mask_matches_dense_on_cpu_forward(asset_cache, tiny_pairs):
             pytest.skip(f"flex attention forward unavailable on this CPU: {type(exc).__name__}")
     assert rel_err(flex.chosen, dense.chosen) <= 1e-5
     assert rel_err(flex.rejected, dense.rejected) <= 1e-5
+
+
+def test_lora_targets_given_as_one_name_or_a_list(asset_cache):
+    from vlm_orpo.config import ConfigError
+
+    base = llava_next(asset_cache)
+    family = family_for(base.config)
+    assert lora_target_regex(base, family, "q_proj") == lora_target_regex(base, family, ["q_proj"])
+    assert lora_target_regex(base, family, "q_proj").endswith(r"\.(q_proj)$")
+    with pytest.raises(ConfigError, match=r"\['qproj'\] not found"):
+        lora_target_regex(base, family, "qproj")

@@ -34,6 +34,7 @@ def test_quickstart_improves_and_saves_loadable_adapters(quickstart_run, asset_c
     run, stdout = quickstart_run
     evals = [r for r in records(run) if "eval_accuracy" in r]
     assert evals[0]["step"] == 0 and evals[0]["eval_accuracy"] <= 0.7  # base: about chance
+    assert len({r["step"] for r in evals}) == len(evals), "each step is evaluated once, the last one included"
     assert evals[-1]["eval_accuracy"] >= 0.9
     assert evals[-1]["eval_loss"] < evals[0]["eval_loss"]
     assert "| base (step 0) |" in stdout and "| final (step" in stdout
@@ -119,6 +120,29 @@ def test_a_torn_last_metrics_line_is_dropped_but_a_torn_middle_is_an_error(tmp_p
     path.write_text('{"step": 1, "lo\n{"step": 2, "loss": 2.0}\n')
     with pytest.raises(json.JSONDecodeError):
         read_jsonl(path)
+
+
+def test_a_fresh_run_never_mixes_with_an_earlier_runs_checkpoints(asset_cache, tmp_path):
+    run = tmp_path / "run"
+    (run / "checkpoint-64").mkdir(parents=True)  # left by an earlier run
+    args = ["train", "--config", QUICKSTART, f"training.output_dir={run}", "training.max_steps=2",
+            "training.eval_strategy=no", "training.save_strategy=no"]
+    refused = cli(*args, env=dict(os.environ), check=False)
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr
+    assert "checkpoint-64" in refused.stderr and "--resume" in refused.stderr and "--overwrite" in refused.stderr
+    cli(*args, "--overwrite", env=dict(os.environ))
+    assert not (run / "checkpoint-64").exists() and (run / "final" / "adapter_config.json").exists()
+
+
+def test_load_best_model_at_end_finds_its_checkpoint_after_the_staging_rename(asset_cache, tmp_path):
+    run = tmp_path / "run"
+    cli("train", "--config", QUICKSTART, f"training.output_dir={run}", "training.max_steps=8",
+        "training.eval_steps=4", "training.save_steps=4", "training.save_total_limit=1",
+        "training.load_best_model_at_end=true", "training.metric_for_best_model=loss", env=dict(os.environ))
+    [last] = list(run.glob("checkpoint-*"))
+    best = json.loads((last / "trainer_state.json").read_text())["best_model_checkpoint"]
+    assert ".staging" not in best and Path(best).parent == run and Path(best).is_dir()
+    assert (run / "final" / "adapter_config.json").exists() and (run / "summary.md").exists()
 
 
 def test_resume_without_checkpoint_is_a_clear_error(asset_cache, tmp_path):

@@ -158,6 +158,8 @@ def test_images_come_from_uploads_and_data_urls_only(red_png, endpoints):
         ui.load_image(str(not_image), limit)
     text, urls = ui.split_data_urls(f"what is this? {data_url(red_png)} thanks")
     assert text == "what is this? thanks" and urls == [data_url(red_png)]
+    assert ui.split_data_urls(f"first line\n  second {data_url(red_png)}  line ") == (
+        "first line\nsecond line", [data_url(red_png)])
 
 
 def test_gradio_inputs_refuse_remote_paths(endpoints):
@@ -253,6 +255,14 @@ def test_security_defaults_and_argument_errors(endpoints):
         ui.run_chat(chat_args("--endpoint", base.url, "--judgments", "j.jsonl"))
     with pytest.raises(ConfigError, match="http"):
         ui.run_chat(chat_args("--endpoint", "file:///etc/passwd"))
+    with pytest.raises(ConfigError, match="http"):
+        ui.run_chat(chat_args("--endpoint", "ftp://127.0.0.1/v1"))
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(ConfigError, match=f"port {port} on 127.0.0.1 is in use"):
+            ui.run_chat(chat_args("--endpoint", base.url, "--port", str(port)))
 
 
 # ---------------------------------------------------------------- the app, served

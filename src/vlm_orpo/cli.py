@@ -41,7 +41,7 @@ def cmd_train(args) -> None:
         return
     from vlm_orpo.train import train
 
-    out = train(cfg, resume=args.resume)
+    out = train(cfg, resume=args.resume, overwrite=args.overwrite)
     print(f"run directory: {out}")
 
 
@@ -61,6 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="fine-tune an adapter with ORPO")
     _config_args(p)
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in output_dir")
+    p.add_argument("--overwrite", action="store_true", help="start over in an output_dir that holds checkpoints")
     p.add_argument("--dry-run", action="store_true", help="validate the config and print the plan; no training")
     p.set_defaults(func=cmd_train)
 

@@ -127,6 +127,10 @@ class RunConfig:
     lora: LoraSettings = field(default_factory=LoraSettings)
     training: dict[str, Any] = field(default_factory=dict)  # kwargs of OrpoTrainingArguments
 
+    @property
+    def output_dir(self) -> str:
+        return self.training.get("output_dir") or OrpoTrainingArguments.__dataclass_fields__["output_dir"].default
+
     def training_args(self, **overrides) -> OrpoTrainingArguments:
         return build_dataclass(OrpoTrainingArguments, {**self.training, **overrides}, "training")
 

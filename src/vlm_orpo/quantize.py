@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 from vlm_orpo.config import ConfigError, positive_int
+from vlm_orpo.sidecar import env_python
 
 log = logging.getLogger(__name__)
 
@@ -64,21 +65,11 @@ def _to_argv(args) -> list[str]:
 
 
 def quantize_python(explicit: str | None, roots: list[Path] | None = None) -> str:
-    """The Python of the quantize venv: --python, else .venv-quantize in this checkout or the current folder."""
-    if explicit:
-        if not Path(explicit).exists():
-            raise ConfigError(f"--python {explicit} not found; {SETUP_HINT}")
-        return explicit
-    for root in roots if roots is not None else [Path(__file__).resolve().parents[2], Path.cwd()]:
-        candidate = root / ".venv-quantize" / "bin" / "python"
-        if candidate.exists():
-            return str(candidate)
-    raise ConfigError(f"llm-compressor is not in this environment and no quantize env was found; {SETUP_HINT}")
+    """The Python of the quantize venv: --python, else .venv-quantize in the current folder or this checkout."""
+    return env_python(".venv-quantize", explicit, SETUP_HINT, roots)
 
 
 def run_quantize(args) -> None:
-    if args.num_samples < 1:
-        raise ConfigError(f"--num-samples must be positive, got {args.num_samples}")
     if (Path(args.out) / "config.json").exists():
         raise ConfigError(f"--out {args.out} already holds a checkpoint; remove it or pick another directory")
     if importlib.util.find_spec("llmcompressor") is None:
@@ -170,14 +161,14 @@ def quantize(model: str, scheme: str, out: str, data: str = "bundled", split: st
     from torch.utils.data import DataLoader
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    from vlm_orpo.modeling.families import family_for
-    from vlm_orpo.modeling.load import resolve_model_path
+    from vlm_orpo.config import ModelConfig
+    from vlm_orpo.modeling.load import from_pretrained, model_family
 
-    path = resolve_model_path(model)
-    processor = AutoProcessor.from_pretrained(path)
-    model_obj = AutoModelForImageTextToText.from_pretrained(path, dtype="auto")
+    cfg = ModelConfig(name_or_path=model)
+    decoder = model_family(cfg).language_model  # an unsupported family fails before the weights load
+    processor = from_pretrained(AutoProcessor, cfg)
+    model_obj = from_pretrained(AutoModelForImageTextToText, cfg, dtype="auto")
     ignore = ignore_patterns(model_obj.config)
-    decoder = family_for(model_obj.config).language_model
     language_model = decoder.rsplit(".", 1)[-1]
     kwargs = {}
     if calibrates(scheme):

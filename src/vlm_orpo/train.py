@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import time
 from collections import defaultdict
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import torch
 from transformers import Trainer, TrainerCallback, set_seed
+from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import get_last_checkpoint, rotate_checkpoints
 from transformers.training_args import ParallelMode
 
@@ -51,6 +53,11 @@ class OrpoTrainer(Trainer):
         self._train_metrics: dict[str, list[float]] = defaultdict(list)
         self._pairs_since_log = 0
         self._last_log_time = time.perf_counter()
+        self.evaluated_at_step: int | None = None
+
+    def train(self, *args, **kwargs):
+        self._last_log_time = time.perf_counter()  # pairs/s counts training, not model loading or the base eval
+        return super().train(*args, **kwargs)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         logps = packed_logps(model, inputs, self.attn_backend)
@@ -82,6 +89,7 @@ class OrpoTrainer(Trainer):
         return dict(zip(keys, mean.tolist()))
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
+        started = time.perf_counter()
         dataloader = self.get_eval_dataloader(eval_dataset)
         scores = score_batches(
             self.model,
@@ -95,6 +103,8 @@ class OrpoTrainer(Trainer):
         self.log(metrics)
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
         self._keep_best(metrics)
+        self.evaluated_at_step = self.state.global_step
+        self._last_log_time += time.perf_counter() - started  # pairs/s counts training time only
         return metrics
 
     def _keep_best(self, metrics: dict[str, float]) -> None:
@@ -123,10 +133,15 @@ class OrpoTrainer(Trainer):
         finally:
             del self._get_output_dir
         self.accelerator.wait_for_everyone()
+        name = f"checkpoint-{self.state.global_step}"
+        best = self.state.best_model_checkpoint
+        if best is not None and Path(best).parent == Path(staging):  # Trainer saw the checkpoint in staging
+            self.state.best_model_checkpoint = os.path.join(run_dir, Path(best).name)
         if self.args.should_save:
-            name = f"checkpoint-{self.state.global_step}"
             shutil.rmtree(os.path.join(run_dir, name), ignore_errors=True)
             os.replace(os.path.join(staging, name), os.path.join(run_dir, name))
+            if best != self.state.best_model_checkpoint:
+                self.state.save_to_json(os.path.join(run_dir, name, TRAINER_STATE_NAME))
             rotate_checkpoints(run_dir, self.args.save_total_limit, self.state.best_model_checkpoint, use_mtime=False)
         self.accelerator.wait_for_everyone()
 
@@ -155,6 +170,12 @@ def build_trainer(cfg: RunConfig):
     multi_cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
     # accelerate runs CPU processes as DDP (gloo) only with use_cpu; without it they would train apart, silently
     args = cfg.training_args(**({"use_cpu": True} if multi_cpu else {}))
+    if args.n_gpu > 1:  # Trainer would wrap the model in DataParallel, which splits a packed batch's rows apart
+        raise ConfigError(
+            f"{args.n_gpu} GPUs are visible to one process: launch one process per GPU (`accelerate launch -m "
+            "vlm_orpo.cli train ...` or `torchrun --nproc_per_node N -m vlm_orpo.cli train ...`), or pick one GPU "
+            "with CUDA_VISIBLE_DEVICES"
+        )
     if args.gradient_checkpointing and args.gradient_checkpointing_kwargs is None:
         args.gradient_checkpointing_kwargs = {"use_reentrant": False}  # LoRA with a frozen embedding needs this
     set_seed(args.seed)
@@ -210,29 +231,43 @@ def plan(cfg: RunConfig, args, trainer: OrpoTrainer | None = None, report=None) 
     return "\n".join(lines)
 
 
-def train(cfg: RunConfig, resume: bool = False) -> Path:
+def earlier_checkpoints(out: Path) -> list[Path]:
+    found = [p for p in out.glob("checkpoint-*") if re.fullmatch(r"checkpoint-\d+", p.name)]
+    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+
+
+def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False) -> Path:
     start = time.perf_counter()
+    out = Path(cfg.output_dir)
+    old = earlier_checkpoints(out)
+    if old and not resume and not overwrite:  # before the model loads: fail fast
+        raise ConfigError(
+            f"{out} holds checkpoints of an earlier run ({', '.join(p.name for p in old[-3:])}): pass --resume to "
+            "continue it, --overwrite to start over (deletes them), or set another training.output_dir"
+        )
     trainer, report = build_trainer(cfg)
-    out = Path(trainer.args.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    shutil.rmtree(out / ".staging", ignore_errors=True)
-    metrics_path = out / METRICS
     checkpoint = get_last_checkpoint(str(out)) if resume else None
     if resume and checkpoint is None:
         raise ConfigError(f"--resume: no checkpoint in {out}")
-    if checkpoint is None:
-        metrics_path.unlink(missing_ok=True)
-        shutil.rmtree(out / BEST, ignore_errors=True)
-    else:
-        _truncate_metrics(metrics_path, int(Path(checkpoint).name.split("-")[-1]))
+    metrics_path = out / METRICS
+    if trainer.is_world_process_zero():  # one process edits the run folder; the others wait
+        out.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(out / ".staging", ignore_errors=True)
+        if checkpoint is None:
+            for stale in [*old, out / BEST]:
+                shutil.rmtree(stale, ignore_errors=True)
+            metrics_path.unlink(missing_ok=True)
+        else:
+            _truncate_metrics(metrics_path, int(Path(checkpoint).name.split("-")[-1]))
+    trainer.accelerator.wait_for_everyone()
     trainer.add_callback(MetricsFile(metrics_path))
     if trainer.is_world_process_zero():
         print(plan(cfg, trainer.args, trainer, report), flush=True)
     if trainer.eval_dataset is not None and checkpoint is None:
         trainer.evaluate()  # step 0: the adapter is still the identity, so this is the base model's row
     trainer.train(resume_from_checkpoint=checkpoint)
-    if trainer.eval_dataset is not None:
-        trainer.evaluate()
+    if trainer.eval_dataset is not None and trainer.evaluated_at_step != trainer.state.global_step:
+        trainer.evaluate()  # Trainer evaluates at the last step itself when eval_strategy is steps
     trainer.save_model(str(out / FINAL))
     if trainer.is_world_process_zero():
         write_summary(out, trainer.args.orpo_lambda, time.perf_counter() - start, report)

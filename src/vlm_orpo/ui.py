@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Iterator
 
 from vlm_orpo.config import ConfigError, positive_int
+from vlm_orpo.sidecar import check_port_free, is_loopback
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +109,8 @@ def split_data_urls(text: str) -> tuple[str, list[str]]:
     found = DATA_URL.findall(text or "")
     for url in found:
         text = text.replace(url, " ")
-    return " ".join(text.split()), found
+    lines = (re.sub(r"[ \t]+", " ", line).strip() for line in (text or "").splitlines())
+    return "\n".join(lines).strip(), found  # line breaks are the user's: kept
 
 
 # ---------------------------------------------------------------- the endpoint
@@ -314,9 +316,9 @@ def _compare(a: Endpoint, b: Endpoint, log_file: JudgmentLog, max_bytes: int) ->
     asked = gr.State(None)  # what was asked and the answers as the models gave them
 
     def run(image_value, question_text):
-        if not (question_text or "").strip():
-            raise gr.Error("type a question")
         text, pasted = split_data_urls(question_text)
+        if not text:  # a pasted image alone is no question, and train would skip its judgment
+            raise gr.Error("type a question")
         try:
             image = load_image(image_value or (pasted[0] if pasted else None), max_bytes)
         except ImageRejected as exc:
@@ -380,7 +382,7 @@ def _compare(a: Endpoint, b: Endpoint, log_file: JudgmentLog, max_bytes: int) ->
 
 def make_endpoints(args) -> tuple[Endpoint, Endpoint | None]:
     for url in filter(None, (args.endpoint, args.compare)):
-        if not REMOTE.match(url):
+        if not re.match(r"^https?://", url, re.IGNORECASE):
             raise ConfigError(f"endpoint {url!r} must be an http(s) URL, e.g. http://127.0.0.1:8000/v1")
     common = dict(api_key=args.api_key, max_tokens=args.max_tokens, temperature=args.temperature)
     a = Endpoint(args.endpoint, args.model, **common)
@@ -394,7 +396,7 @@ def launch_kwargs(args) -> dict:
                   ssr_mode=False)
     if args.api_key:
         kwargs.update(auth=check_key(args.api_key), auth_message="Any user name; the API key as the password.")
-    elif args.host not in ("127.0.0.1", "localhost", "::1"):
+    elif not is_loopback(args.host):
         log.warning("binding %s with no --api-key: anyone who reaches this address can use the endpoints", args.host)
     return kwargs
 
@@ -410,5 +412,6 @@ def run_chat(args) -> None:
     except ImportError:
         raise ConfigError("the chat UI needs gradio and openai: pip install -e '.[ui]'") from None
     a, b = make_endpoints(args)
+    check_port_free(args.host, args.port)
     app = build_app(a, b, args.judgments, args.max_upload_mb)
     app.queue().launch(**launch_kwargs(args))

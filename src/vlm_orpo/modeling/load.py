@@ -25,6 +25,9 @@ def resolve_model_path(name_or_path: str) -> str:
     path = Path(name_or_path).expanduser()
     if name_or_path.startswith((".", "/", "~")) and not path.exists():
         raise ConfigError(f"model path not found: {path}")
+    if (path / "adapter_config.json").is_file():
+        raise ConfigError(f"{name_or_path} is a LoRA adapter, not a model: merge it first (`vlm-orpo merge --adapter "
+                          f"{name_or_path}`), or give it as an adapter with its base model")
     return str(path) if path.exists() else name_or_path
 
 
@@ -85,7 +88,7 @@ def lora_target_regex(model, family: ModelFamily, targets: list[str] | str) -> s
     linear_names = sorted(
         {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if name.startswith(prefix) and _is_linear(m)}
     )
-    wanted = linear_names if targets == "all-linear" else list(targets)
+    wanted = linear_names if targets == "all-linear" else [targets] if isinstance(targets, str) else list(targets)
     unknown = [t for t in wanted if t not in linear_names]
     if unknown:
         raise ConfigError(f"lora.target_modules {unknown} not found; linear layers here: {', '.join(linear_names)}")
