@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import shutil
 import time
 from collections import defaultdict
@@ -19,7 +18,7 @@ from pathlib import Path
 import torch
 from transformers import Trainer, TrainerCallback, set_seed
 from transformers.trainer import TRAINER_STATE_NAME
-from transformers.trainer_utils import get_last_checkpoint, rotate_checkpoints
+from transformers.trainer_utils import get_last_checkpoint, rotate_checkpoints, sort_checkpoints
 from transformers.training_args import ParallelMode
 
 from vlm_orpo.config import ConfigError, RunConfig
@@ -231,15 +230,10 @@ def plan(cfg: RunConfig, args, trainer: OrpoTrainer | None = None, report=None) 
     return "\n".join(lines)
 
 
-def earlier_checkpoints(out: Path) -> list[Path]:
-    found = [p for p in out.glob("checkpoint-*") if re.fullmatch(r"checkpoint-\d+", p.name)]
-    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
-
-
 def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False) -> Path:
     start = time.perf_counter()
     out = Path(cfg.output_dir)
-    old = earlier_checkpoints(out)
+    old = [Path(p) for p in sort_checkpoints(str(out))]  # oldest first
     if old and not resume and not overwrite:  # before the model loads: fail fast
         raise ConfigError(
             f"{out} holds checkpoints of an earlier run ({', '.join(p.name for p in old[-3:])}): pass --resume to "

@@ -91,9 +91,9 @@ class PairEncoder:
         bos = self.tokenizer.bos_token
         return {"add_special_tokens": not (bos and prompt.startswith(bos))}
 
-    def prompt_length(self, question, image_size: tuple[int, int]) -> int:
+    def prompt_length(self, question, image_size: tuple[int, int], prompt: str | None = None) -> int:
         """Prompt tokens with image tokens expanded, from the image size alone (no pixel work)."""
-        prompt = self.prompt_text(question)
+        prompt = prompt if prompt is not None else self.prompt_text(question)
         text_ids = self.tokenizer(prompt, **self.prompt_tokenizer_kwargs(prompt))["input_ids"]
         placeholders = text_ids.count(self.image_token_id)
         if placeholders != 1:
@@ -104,10 +104,10 @@ class PairEncoder:
 
     def check(self, row: dict, image_size: tuple[int, int]) -> bool:
         """Raise BadRow for a row the model cannot take whole; return whether an answer will be cut."""
-        n = self.prompt_length(row["question"], image_size)
+        prompt = self.prompt_text(row["question"])
+        n = self.prompt_length(row["question"], image_size, prompt)
         if self.max_prompt_tokens is not None and n > self.max_prompt_tokens:
             raise BadRow("prompt too long", f"{n} tokens > max_prompt_tokens {self.max_prompt_tokens}")
-        prompt = self.prompt_text(row["question"])
         return any(
             self.answer_ids(row["question"], row[name], prompt)[-1] != self.eos_token_id for name in ("chosen", "rejected")
         )
