@@ -224,3 +224,27 @@ def test_subset_and_validation_fraction_are_seeded_and_disjoint(asset_cache):
     assert len(a.train) + len(a.validation) == 100
     assert len(a.validation) == 20
     assert not set(a.train.indices) & set(a.validation.indices)
+
+
+def test_an_image_over_the_pixel_cap_is_a_counted_skip_before_decoding(tmp_path):
+    with pytest.raises(BadRow, match="oversized image: 128x96 is over 1,000 pixels"):
+        open_image(png(), max_pixels=1000)
+    path = write_parquet(tmp_path / "d.parquet", [{"image": {"bytes": png(), "path": None}, **GOOD},
+                                                  {"image": {"bytes": png(size=(16, 16)), "path": None}, **GOOD}])
+    data = prepare_data(path, max_image_pixels=1000)
+    assert len(data.train) == 1 and data.report.reasons == {"oversized image": 1}
+    assert DataConfig().max_image_pixels == 40_000_000
+
+
+@pytest.mark.parametrize("name", ["empty.jsonl", "blank.jsonl", "empty.csv", "empty.parquet", "schema_only.parquet"])
+def test_a_file_without_rows_is_one_line(tmp_path, name):
+    path = tmp_path / name
+    if name == "blank.jsonl":
+        path.write_text("\n\n")
+    elif name == "schema_only.parquet":
+        write_parquet(path, [{"image": {"bytes": png(), "path": None}, **GOOD}])
+        datasets.Dataset.from_parquet(str(path)).select([]).to_parquet(str(path))
+    else:
+        path.write_bytes(b"")
+    with pytest.raises(DataError, match=f"^no rows in {path}$"):
+        prepare_data(str(path))

@@ -18,11 +18,10 @@ from typing import Any
 import yaml
 from transformers import TrainingArguments
 
+from vlm_orpo.data.sources import MAX_IMAGE_PIXELS
+from vlm_orpo.errors import ConfigError, first_line
+
 BUNDLED = "bundled"
-
-
-class ConfigError(ValueError):
-    """A bad config value: reported as one line."""
 
 
 class _Yaml12Loader(yaml.SafeLoader):
@@ -61,11 +60,12 @@ class DataConfig:
     max_prompt_tokens: int | None = None  # longer prompts (image tokens included) are skipped, never cut
     max_tokens_per_row: int | None = None  # pack several pairs per row up to this length; None = a pair per row
     eval_limit: int | None = None  # score at most this many validation pairs
+    max_image_pixels: int = MAX_IMAGE_PIXELS  # larger images are skipped (counted), never decoded
 
     def __post_init__(self):
         _check(0 < self.subset_fraction <= 1, f"data.subset_fraction must be in (0, 1], got {self.subset_fraction}")
         _check(0 <= self.validation_fraction < 1, "data.validation_fraction must be in [0, 1)")
-        for name in ("max_answer_tokens", "max_prompt_tokens", "max_tokens_per_row", "eval_limit"):
+        for name in ("max_answer_tokens", "max_prompt_tokens", "max_tokens_per_row", "eval_limit", "max_image_pixels"):
             value = getattr(self, name)
             _check(value is None or value > 0, f"data.{name} must be positive, got {value}")
 
@@ -196,7 +196,7 @@ def build_dataclass(cls, values: dict[str, Any], section: str):
     except ConfigError:
         raise
     except (TypeError, ValueError) as exc:
-        raise ConfigError(f"{section}: {str(exc).splitlines()[0]}") from None
+        raise ConfigError(f"{section}: {first_line(exc, with_type=False)}") from None
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -218,7 +218,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Ru
         try:
             raw = read_yaml(path.read_text()) or {}
         except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML: {str(exc).splitlines()[0]}") from None
+            raise ConfigError(f"{path}: not valid YAML: {first_line(exc, with_type=False)}") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections")
     for section in raw:

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from vlm_orpo.config import ConfigError, load_config
+from vlm_orpo.errors import first_line
 from vlm_orpo.data.packing import PackedCollator, PairEncoder, load_pairs
 from vlm_orpo.data.sources import BadRow, open_image
 from vlm_orpo.modeling.load import load_base_model, load_processor
@@ -57,7 +58,7 @@ def model_variants(base, adapters: list[str]):
         except ConfigError:
             raise
         except Exception as exc:  # shape mismatch, missing weights: one line for the user
-            raise ConfigError(f"cannot load adapter {adapter}: {type(exc).__name__}: {str(exc).splitlines()[0]}")
+            raise ConfigError(f"cannot load adapter {adapter}: {first_line(exc)}")
         model.eval()
         yield adapter, model
 

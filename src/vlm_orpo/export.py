@@ -15,6 +15,7 @@ import re
 from pathlib import Path
 
 from vlm_orpo.config import ConfigError, ModelConfig
+from vlm_orpo.errors import first_line
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +86,7 @@ def merge_adapter(
     try:
         model = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
     except Exception as exc:  # wrong base, shape mismatch, not LoRA: one line for the user
-        raise ConfigError(f"cannot merge adapter {adapter}: {type(exc).__name__}: {str(exc).splitlines()[0]}")
+        raise ConfigError(f"cannot merge adapter {adapter}: {first_line(exc)}")
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)  # safetensors only in transformers 5
     rename_for_vllm(out, family.name)

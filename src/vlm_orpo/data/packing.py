@@ -114,7 +114,7 @@ class PairEncoder:
 
     def encode(self, row: dict) -> EncodedPair:
         prompt = self.prompt_text(row["question"])
-        image = open_image(row["image"])
+        image = open_image(row["image"], max_pixels=None)  # the row was validated, under data.max_image_pixels
         inputs = self.processor(
             images=[image], text=[prompt], return_tensors="pt", **self.prompt_tokenizer_kwargs(prompt)
         )
@@ -278,6 +278,7 @@ def load_pairs(data_cfg, encoder: PairEncoder, *, train: bool = True, limit: int
         columns=data_cfg.columns,
         where=data_cfg.where,
         check_tokens=encoder.check,
+        max_image_pixels=data_cfg.max_image_pixels,
     )
     wrap = lambda rows: PairDataset(rows, encoder) if rows is not None and len(rows) else None  # noqa: E731
     return wrap(prepared.train), wrap(prepared.validation), prepared.report

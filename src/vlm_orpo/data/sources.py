@@ -19,17 +19,19 @@ import datasets
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from vlm_orpo.errors import DataError, first_line
+
 log = logging.getLogger(__name__)
 
 BUNDLED = "bundled"
 CANONICAL = ("image", "question", "chosen", "rejected")
 RLAIF_V_COLUMNS = {"image": "image", "question": "question", "chosen": "chosen", "rejected": "rejected"}
 TRL_COLUMNS = {"image": "images", "question": "prompt", "chosen": "chosen", "rejected": "rejected"}
+# Images over this many pixels are refused (data rows skipped, served requests rejected): a 12000x12000 PNG of
+# a few hundred KB decodes to 430 MB and is decoded again at every epoch. The default of `data.max_image_pixels`
+# and of `vlm-orpo serve --max-image-pixels`.
+MAX_IMAGE_PIXELS = 40_000_000
 _FILE_FORMATS = {".parquet": "parquet", ".jsonl": "json", ".json": "json", ".csv": "csv", ".arrow": "arrow"}
-
-
-class DataError(ValueError):
-    """A problem with the data source as a whole (wrong path, missing column): one clear line, no traceback."""
 
 
 class BadRow(ValueError):
@@ -41,8 +43,10 @@ class BadRow(ValueError):
         self.detail = detail
 
 
-def open_image(value, base_dir: Path | None = None) -> Image.Image:
-    """Decode an image given as PIL, bytes, a datasets `{"bytes", "path"}` dict or a file path; always RGB."""
+def open_image(value, base_dir: Path | None = None, max_pixels: int | None = MAX_IMAGE_PIXELS) -> Image.Image:
+    """Decode an image given as PIL, bytes, a datasets `{"bytes", "path"}` dict or a file path; always RGB.
+
+    The size is checked from the header, before any pixel is decoded."""
     try:
         if isinstance(value, Image.Image):
             image = value
@@ -51,7 +55,7 @@ def open_image(value, base_dir: Path | None = None) -> Image.Image:
         elif isinstance(value, dict) and value.get("bytes"):
             image = Image.open(io.BytesIO(value["bytes"]))
         elif isinstance(value, dict) and value.get("path"):
-            return open_image(value["path"], base_dir)
+            return open_image(value["path"], base_dir, max_pixels)
         elif isinstance(value, (str, os.PathLike)):
             path = Path(value)
             if not path.is_absolute() and base_dir is not None:
@@ -59,11 +63,13 @@ def open_image(value, base_dir: Path | None = None) -> Image.Image:
             image = Image.open(path)
         else:
             raise BadRow("missing image", f"no image data in {type(value).__name__}")
+        if max_pixels is not None and image.width * image.height > max_pixels:
+            raise BadRow("oversized image", f"{image.width}x{image.height} is over {max_pixels:,} pixels")
         image.load()
     except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError, ValueError) as exc:
         if isinstance(exc, BadRow):
             raise
-        raise BadRow("undecodable image", str(exc).splitlines()[0][:200]) from None
+        raise BadRow("undecodable image", first_line(exc, with_type=False)[:200]) from None
     return image if image.mode == "RGB" else image.convert("RGB")
 
 
@@ -182,7 +188,7 @@ def canonical_row(raw: dict, columns: dict[str, str], row_number: int, has_idx: 
     }
 
 
-def check_row(row: dict, base_dir: Path | None) -> tuple[int, int]:
+def check_row(row: dict, base_dir: Path | None, max_pixels: int | None = MAX_IMAGE_PIXELS) -> tuple[int, int]:
     """Raise BadRow for a row we cannot train on; return the image's (height, width)."""
     for name in ("question", "chosen", "rejected"):
         value = row[name]
@@ -194,7 +200,7 @@ def check_row(row: dict, base_dir: Path | None) -> tuple[int, int]:
         raise BadRow("chosen identical to rejected")
     if row["image"] is None:
         raise BadRow("missing image")
-    image = open_image(row["image"], base_dir)
+    image = open_image(row["image"], base_dir, max_pixels)
     return image.height, image.width
 
 
@@ -260,12 +266,32 @@ def load_source(source: str, split: str = "train") -> tuple[datasets.Dataset, Pa
     except DataError:
         raise
     except Exception as exc:  # datasets raises many types; the user needs the one line, not the stack
-        raise DataError(f"cannot load data {source!r}: {type(exc).__name__}: {str(exc).splitlines()[0]}") from None
+        if path is not None and path.is_file() and _holds_no_rows(path):
+            raise DataError(f"no rows in {path}") from None
+        raise DataError(f"cannot load data {source!r}: {first_line(exc)}") from None
     if isinstance(loaded, datasets.DatasetDict):
         if split not in loaded:
             raise DataError(f"{source!r} has no split {split!r}; it has {list(loaded)}")
         loaded = loaded[split]
+    if len(loaded) == 0:
+        where = str(path) if path is not None and path.is_file() else f"{source!r}, split {split!r}"
+        raise DataError(f"no rows in {where}")
     return loaded, base_dir
+
+
+def _holds_no_rows(path: Path) -> bool:
+    """Whether a data file that `datasets` refused is simply empty (0 bytes, blank lines, a 0-row parquet)."""
+    if path.stat().st_size == 0:
+        return True
+    if path.suffix.lower() == ".parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            return pq.ParquetFile(path).metadata.num_rows == 0
+        except Exception:  # not parquet at all: the loader's own message says more
+            return False
+    with path.open("rb") as f:
+        return not f.read(1 << 16).strip()
 
 
 def select_rows(
@@ -276,6 +302,7 @@ def select_rows(
     base_dir: Path | None = None,
     positions: list[int] | None = None,
     check_tokens: Callable[[dict, tuple[int, int]], bool] | None = None,
+    max_pixels: int | None = MAX_IMAGE_PIXELS,
 ) -> CanonicalRows:
     """Validate rows (images are decoded once, then dropped) and keep the good ones.
 
@@ -295,7 +322,7 @@ def select_rows(
         idx = raw["idx"] if has_idx else row_number
         try:
             row = canonical_row(raw, columns, row_number, has_idx)
-            size = check_row(row, base_dir)
+            size = check_row(row, base_dir, max_pixels)
             truncated = check_tokens(row, size) if check_tokens is not None else False
         except BadRow as err:
             report.skip(split_name, row_number, idx, err)
@@ -338,6 +365,7 @@ def prepare_data(
     columns: dict[str, str] | None = None,
     where: dict[str, Any] | None = None,
     check_tokens: Callable | None = None,
+    max_image_pixels: int | None = MAX_IMAGE_PIXELS,
 ) -> PreparedData:
     """Load, subset, split and validate. A named validation split wins over validation_fraction.
 
@@ -361,7 +389,7 @@ def prepare_data(
 
     def validated(dataset, name, base_dir, positions):
         cols = resolve_columns(dataset.column_names, columns)
-        return select_rows(dataset, cols, name, report, base_dir, positions, check_tokens)
+        return select_rows(dataset, cols, name, report, base_dir, positions, check_tokens, max_image_pixels)
 
     def limited(positions: list[int], name: str) -> list[int]:
         if limit is not None and len(positions) > limit:

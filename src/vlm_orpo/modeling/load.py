@@ -10,6 +10,7 @@ import torch
 from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
 from vlm_orpo.config import BUNDLED, ConfigError, LoraSettings, ModelConfig
+from vlm_orpo.errors import first_line
 from vlm_orpo.modeling.families import ModelFamily, family_for
 
 log = logging.getLogger(__name__)
@@ -46,7 +47,7 @@ def from_pretrained(loader, cfg: ModelConfig, **kwargs):
             resolve_model_path(cfg.name_or_path), revision=cfg.revision, trust_remote_code=cfg.trust_remote_code, **kwargs
         )
     except OSError as exc:
-        raise ConfigError(f"cannot load model {cfg.name_or_path!r}: {str(exc).splitlines()[0]}") from None
+        raise ConfigError(f"cannot load model {cfg.name_or_path!r}: {first_line(exc, with_type=False)}") from None
 
 
 def load_processor(cfg: ModelConfig):
