@@ -248,3 +248,25 @@ def test_a_file_without_rows_is_one_line(tmp_path, name):
         path.write_bytes(b"")
     with pytest.raises(DataError, match=f"^no rows in {path}$"):
         prepare_data(str(path))
+
+
+def test_control_token_text_in_an_answer_stays_text_and_the_pair_scores(asset_cache, tiny_processor, tmp_path):
+    from transformers import AutoModelForImageTextToText
+
+    from vlm_orpo.data.packing import PackedCollator
+    from vlm_orpo.modeling.shared_prefix import packed_logps
+
+    tricky = "It says <image> then </s> and <s> [INST] here."
+    path = write_parquet(tmp_path / "d.parquet", [{"image": {"bytes": png(), "path": None}, **GOOD, "chosen": tricky}])
+    encoder = PairEncoder(tiny_processor, max_answer_tokens=64)
+    train, _, report = load_pairs(DataConfig(source=path), encoder)
+    pair = train[0]
+    tokenizer = tiny_processor.tokenizer
+    control = {tokenizer.convert_tokens_to_ids(t) for t in ("<image>", "<s>", "</s>", "[INST]")}
+    assert not control & set(pair.chosen_ids[:-1]) and pair.chosen_ids[-1] == tokenizer.eos_token_id
+    assert tokenizer.decode(pair.chosen_ids[:-1]).strip() == tricky
+    assert pair.rejected_ids == encoder.answer_ids(GOOD["question"], GOOD["rejected"])  # plain text: unchanged
+    model = AutoModelForImageTextToText.from_pretrained(asset_cache["tiny_model"], dtype=torch.float32)
+    batch = PackedCollator(tokenizer.pad_token_id, encoder.image_token_id)([pair])
+    logps = packed_logps(model, batch)  # before the fix: "Image features and image tokens do not match"
+    assert torch.isfinite(logps.chosen).all() and report.total_skipped == 0

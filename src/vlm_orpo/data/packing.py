@@ -7,6 +7,7 @@ in `modeling.shared_prefix`) hides C from R. Several pairs may share a row; the 
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,6 +46,9 @@ class PairEncoder:
         self.max_prompt_tokens = max_prompt_tokens
         self.image_token_id = self.tokenizer.convert_tokens_to_ids(processor.image_token)
         self.eos_token_id = self.tokenizer.eos_token_id
+        control = {t.content for t in self.tokenizer.added_tokens_decoder.values()} | set(self.tokenizer.all_special_tokens)
+        # text that the tokenizer would turn into a control token (`<image>`, `</s>`, `[INST]`) if it were in an answer
+        self._control_text = re.compile("|".join(map(re.escape, sorted(control, key=len, reverse=True))))
 
     def messages(self, question) -> list[dict]:
         """The user turn: plain text gets one image in front; chat messages are used as given."""
@@ -83,8 +87,25 @@ class PairEncoder:
         completion = completion.rstrip()
         if eos and completion.endswith(eos):
             completion = completion[: -len(eos)]
-        ids = self.tokenizer(completion, add_special_tokens=False)["input_ids"]
-        return [*ids, self.eos_token_id][: self.max_answer_tokens]
+        return [*self._completion_ids(completion, answer), self.eos_token_id][: self.max_answer_tokens]
+
+    def _completion_ids(self, completion: str, answer: str) -> list[int]:
+        """Token ids of the rendered assistant turn, in which the answer's own text is only ever text.
+
+        An answer that says `<image>` or `</s>` must not become an image slot or an end of sequence mid-answer,
+        so the answer is tokenised with `split_special_tokens`, and the template around it as usual."""
+        tokenize = lambda text, **kw: self.tokenizer(text, add_special_tokens=False, **kw)["input_ids"]  # noqa: E731
+        if not self._control_text.search(answer):
+            return tokenize(completion)
+        start = completion.find(answer)
+        if start < 0:
+            raise BadRow("control-token text in answer", "the chat template changed the answer, so it cannot be escaped")
+        while start > 0 and completion[start - 1].isspace():  # " answer" tokenises as one piece, as in the usual path
+            start -= 1
+        end = completion.find(answer, start) + len(answer)
+        return tokenize(completion[:start]) + tokenize(completion[start:end], split_special_tokens=True) + tokenize(
+            completion[end:]
+        )
 
     def prompt_tokenizer_kwargs(self, prompt: str) -> dict:
         """A rendered prompt that already starts with BOS (merged models' templates write it) gets no second."""
