@@ -61,14 +61,15 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from vlm_orpo.data.packing import EncodedPair, PackedCollator  # noqa: E402
-from vlm_orpo.losses import orpo_terms  # noqa: E402
+from vlm_orpo.config import LossConfig  # noqa: E402
+from vlm_orpo.losses import pair_losses  # noqa: E402
 from vlm_orpo.modeling.families import family_for  # noqa: E402
 from vlm_orpo.modeling.load import lora_target_regex  # noqa: E402
 from vlm_orpo.modeling.reference import plain_batch  # noqa: E402
 from vlm_orpo.modeling.shared_prefix import packed_logps, set_attention_backend, token_logps, unwrap  # noqa: E402
 
 BASE_VARIANTS = ("plain", "packed_sdpa", "packed_flex")
-ORPO_LAMBDA = 0.1
+LOSS = LossConfig(type="orpo", orpo_lambda=0.1)
 LORA_R = 16  # alpha = 2r
 LOSS_RTOL = {torch.float32: 1e-4, torch.bfloat16: 1e-2, torch.float16: 1e-2}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -433,6 +434,8 @@ def to_device(batch: dict, device: torch.device, dtype: torch.dtype) -> dict:
     for k, v in batch.items():
         if isinstance(v, torch.Tensor):
             v = v.to(device, dtype) if v.is_floating_point() else v.to(device)
+        elif isinstance(v, dict):  # the packed batch nests its image tensors under "images"
+            v = to_device(v, device, dtype)
         out[k] = v
     return out
 
@@ -469,7 +472,7 @@ def reference_values(model, pairs: list[EncodedPair], pad_id: int):
 
     with torch.no_grad():
         logps = plain_logps(model, pairs, pad_id)
-        loss = orpo_terms(logps, ORPO_LAMBDA).loss.mean()
+        loss = pair_losses(logps, LOSS)["loss"].mean()
     return loss.float().item(), logps.chosen.float().cpu(), logps.rejected.float().cpu()
 
 
@@ -497,7 +500,7 @@ def prepare_variant(model, base: str, pairs: list[EncodedPair], device, dtype, p
     assert batch["input_ids"].shape[0] == 1, "all pairs of a step must share one row"
     work = packed_work(pairs, batch)
     batch = to_device(batch, device, dtype)
-    return Variant(name, base, n, lambda: packed_logps(model, batch, backend), work, backend)
+    return Variant(name, base, n, lambda: packed_logps(model, batch), work, backend)  # the model holds the backend
 
 
 def sync(device: torch.device):
@@ -508,8 +511,7 @@ def sync(device: torch.device):
 def train_step(model, variant: Variant):
     model.zero_grad(set_to_none=True)
     logps = variant.compute()
-    terms = orpo_terms(logps, ORPO_LAMBDA)
-    loss = terms.loss.mean()
+    loss = pair_losses(logps, LOSS)["loss"].mean()
     loss.backward()
     return loss.detach(), logps
 
@@ -534,7 +536,7 @@ def time_variant(model, variant: Variant, device, warmup: int, steps: int):
 def forward_only_values(model, variant: Variant):
     with torch.no_grad():
         logps = variant.compute()
-        loss = orpo_terms(logps, ORPO_LAMBDA).loss.mean()
+        loss = pair_losses(logps, LOSS)["loss"].mean()
     return loss.float().item(), logps.chosen.float().cpu(), logps.rejected.float().cpu()
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT
+from conftest import QUICKSTART, ROOT
 from conftest import run_cli as cli
 
 
@@ -63,11 +63,40 @@ def test_dry_run_of_quickstart_counts_trainable_parameters(asset_cache):
         (["data.where=task"], ["data.where must be dict"]),
         (["data.eval_limit=-1"], ["data.eval_limit must be positive"]),
         (["lora.r=sixteen"], ["lora.r must be int"]),
+        (["training.per_device_train_batch_size=2.5"], ["per_device_train_batch_size must be int, got 2.5"]),
+        (["training.per_device_eval_batch_size=0"], ["per_device_eval_batch_size must be positive, got 0"]),
+        (["training.learning_rate=fast"], ["training.learning_rate must be float, got 'fast'"]),
+        (["training.learning_rate=.nan"], ["training.learning_rate must be a finite number"]),
+        (["training.num_train_epochs=-1"], ["num_train_epochs must be positive"]),
+        (["lora.alpha=-3"], ["lora.alpha must be positive, got -3"]),
+        (["loss.orpo_lambda=.inf"], ["loss.orpo_lambda must be a finite number, got inf"]),
+        (["loss.type=kto"], ["loss.type must be one of orpo"]),
+        (["training.orpo_lambda=2", "loss.orpo_lambda=3"], ["training.orpo_lambda moved to loss.orpo_lambda"]),
     ],
 )
-def test_bad_config_values_are_one_line_errors(asset_cache, overrides, needles):
-    result = cli("train", "--config", str(ROOT / "configs" / "quickstart.yaml"), *overrides, "--dry-run")
-    assert_one_line_error(result, *needles)
+def test_bad_config_values_are_one_line_errors(asset_cache, capsys, overrides, needles):
+    assert_one_line_error(main_in_process(capsys, "train", "--config", QUICKSTART, *overrides, "--dry-run"), *needles)
+
+
+def main_in_process(capsys, *args):
+    """`vlm-orpo ARGS` through `cli.main` in this process (seconds faster than a fresh interpreter per case);
+    an exception that escapes main fails the test, as a traceback would."""
+    import subprocess
+
+    from vlm_orpo.cli import main
+
+    try:
+        code = main(list(args))
+    except SystemExit as exc:  # argparse usage errors
+        code = exc.code
+    captured = capsys.readouterr()
+    return subprocess.CompletedProcess(args, code, captured.out, captured.err)
+
+
+def test_a_section_that_is_not_a_mapping_is_one_line_error(tmp_path, capsys):
+    (tmp_path / "c.yaml").write_text("loss: 3\n")
+    assert_one_line_error(main_in_process(capsys, "train", "--config", str(tmp_path / "c.yaml")),
+                          "section 'loss' must be a mapping")
 
 
 def test_unknown_model_family_is_one_line_error(asset_cache, tmp_path):
@@ -90,3 +119,27 @@ def test_a_count_below_one_is_a_usage_error():
     result = cli("evaluate", "--batch-size", "0")
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "argument --batch-size: must be at least 1, got 0" in result.stderr
+
+
+def test_the_orpo_knobs_under_training_still_work_with_one_deprecation_line(asset_cache):
+    result = cli("train", "--config", str(ROOT / "configs" / "quickstart.yaml"), "training.orpo_lambda=7", "--dry-run")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "ORPO lambda 7" in result.stdout
+    assert result.stderr.count("training.orpo_lambda is deprecated: it moved to loss.orpo_lambda") == 1
+
+
+def test_a_config_directory_is_one_line_error(tmp_path, capsys):
+    assert_one_line_error(main_in_process(capsys, "train", "--config", str(tmp_path)), "is a directory")
+
+
+@pytest.mark.parametrize("flag, value", [("--lambda", "-3"), ("--generate", "-2"), ("--lambda", "inf")])
+def test_evaluate_refuses_negative_counts_and_weights(flag, value, capsys):
+    result = main_in_process(capsys, "evaluate", flag, value)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert f"argument {flag}: must be at least 0, got {value}" in result.stderr
+
+
+def test_help_names_the_loss_default():
+    from vlm_orpo.config import DEFAULT_ORPO_LAMBDA
+
+    assert f"else {DEFAULT_ORPO_LAMBDA:g}" in " ".join(cli("evaluate", "--help").stdout.split())

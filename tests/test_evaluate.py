@@ -57,10 +57,10 @@ def test_table_shows_tuned_adapters_beat_the_base(evaluated):
     results = json.loads((out / "results.json").read_text())["rows"]
     base, best, final = results["base"], results[str(run / "best")], results[str(run / "final")]
     for tuned in (best, final):
-        assert tuned["accuracy"] > base["accuracy"] + 0.2
+        assert tuned["rewards/accuracies"] > base["rewards/accuracies"] + 0.2
         assert tuned["loss"] < base["loss"]
     assert "| base |" in stdout and "ORPO loss (λ = 1)" in (out / "results.md").read_text()
-    assert (out / "results.csv").read_text().startswith("name,loss,sft_loss,or_loss,accuracy")
+    assert (out / "results.csv").read_text().startswith("name,loss,nll_loss,or_loss,rewards/accuracies")
     assert Image.open(out / "results.png").size[0] > 500
 
 

@@ -13,8 +13,9 @@ from transformers import (
     LlavaForConditionalGeneration,
 )
 
-from vlm_orpo.data.packing import CHOSEN, REJECTED, EncodedPair, PackedCollator
-from vlm_orpo.losses import orpo_terms
+from vlm_orpo.config import LossConfig
+from vlm_orpo.data.packing import EncodedPair, PackedCollator, Part
+from vlm_orpo.losses import pair_losses
 from vlm_orpo.modeling.families import family_for
 from vlm_orpo.modeling.load import lora_target_regex
 from vlm_orpo.modeling.reference import plain_logps
@@ -77,8 +78,8 @@ def llava15_pairs(n=5):
 def grads_and_loss(model, compute):
     model.zero_grad(set_to_none=True)
     logps = compute()
-    terms = orpo_terms(logps, LAMBDA)
-    terms.loss.mean().backward()
+    terms = pair_losses(logps, LossConfig(orpo_lambda=LAMBDA))
+    terms["loss"].mean().backward()
     grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     return logps, terms, grads
 
@@ -94,12 +95,12 @@ def assert_equivalent(model, pairs, pad_id, image_token_id, max_tokens_per_row, 
         model.train()
     collator = PackedCollator(pad_id, image_token_id, max_tokens_per_row=max_tokens_per_row)
     batch = collator(pairs)
-    packed, packed_terms, packed_grads = grads_and_loss(model, lambda: packed_logps(model, batch, "sdpa"))
+    packed, packed_terms, packed_grads = grads_and_loss(model, lambda: packed_logps(model, batch))
     plain, plain_terms, plain_grads = grads_and_loss(model, lambda: plain_logps(model, pairs, pad_id))
 
     assert rel_err(packed.chosen, plain.chosen) <= LOGP_RTOL
     assert rel_err(packed.rejected, plain.rejected) <= LOGP_RTOL
-    assert rel_err(packed_terms.loss, plain_terms.loss) <= LOGP_RTOL
+    assert rel_err(packed_terms["loss"], plain_terms["loss"]) <= LOGP_RTOL
     assert packed_grads.keys() == plain_grads.keys() and len(packed_grads) > 0
     for name, grad in plain_grads.items():
         assert grad.norm() > 0, name
@@ -134,8 +135,8 @@ def test_mask_hides_chosen_from_rejected_and_pairs_from_each_other():
     assert batch["input_ids"].shape[0] == 1
     mask = dense_mask(batch["pair_index"], batch["span"])[0, 0]
     span, pair = batch["span"][0], batch["pair_index"][0]
-    rej = (span == REJECTED) & (pair == 0)
-    cho = (span == CHOSEN) & (pair == 0)
+    rej = (span == Part.REJECTED) & (pair == 0)
+    cho = (span == Part.CHOSEN) & (pair == 0)
     assert not mask[rej][:, cho].any()
     assert mask[rej][:, (span == 0) & (pair == 0)].all()  # rejected sees the whole prompt
     assert not mask[pair == 1][:, pair == 0].any()
@@ -151,7 +152,7 @@ def test_seed_style_cache_reuse_differs_from_the_right_answer():
     batch = PackedCollator(0, 127)(pairs)
     with torch.no_grad():
         right = packed_logps(model, batch)
-        leaky = dict(batch, span=torch.where(batch["span"] == REJECTED, CHOSEN, batch["span"]))
+        leaky = dict(batch, span=torch.where(batch["span"] == Part.REJECTED, Part.CHOSEN, batch["span"]))
         wrong = packed_logps(model, leaky)
     assert torch.allclose(right.chosen, wrong.chosen)
     assert not torch.allclose(right.rejected, wrong.rejected, atol=1e-4)
@@ -172,10 +173,10 @@ def test_flex_block_mask_matches_dense_on_cpu_forward(asset_cache, tiny_pairs):
     model = llava_next(asset_cache)
     batch = PackedCollator(encoder.tokenizer.pad_token_id, encoder.image_token_id, 4000)(pairs[:3])
     with torch.no_grad():
-        dense = packed_logps(model, batch, "sdpa")
-        set_attention_backend(model, "flex")
+        dense = packed_logps(model, batch)
+        set_attention_backend(model, "flex")  # the model holds the backend; packed_logps builds the matching mask
         try:
-            flex = packed_logps(model, batch, "flex")
+            flex = packed_logps(model, batch)
         except Exception as exc:  # pragma: no cover - depends on the CPU inductor toolchain
             pytest.skip(f"flex attention forward unavailable on this CPU: {type(exc).__name__}")
     assert rel_err(flex.chosen, dense.chosen) <= 1e-5

@@ -32,10 +32,10 @@ def records(run: Path) -> list[dict]:
 
 def test_quickstart_improves_and_saves_loadable_adapters(quickstart_run, asset_cache):
     run, stdout = quickstart_run
-    evals = [r for r in records(run) if "eval_accuracy" in r]
-    assert evals[0]["step"] == 0 and evals[0]["eval_accuracy"] <= 0.7  # base: about chance
+    evals = [r for r in records(run) if "eval_rewards/accuracies" in r]
+    assert evals[0]["step"] == 0 and evals[0]["eval_rewards/accuracies"] <= 0.7  # base: about chance
     assert len({r["step"] for r in evals}) == len(evals), "each step is evaluated once, the last one included"
-    assert evals[-1]["eval_accuracy"] >= 0.9
+    assert evals[-1]["eval_rewards/accuracies"] >= 0.9
     assert evals[-1]["eval_loss"] < evals[0]["eval_loss"]
     assert "| base (step 0) |" in stdout and "| final (step" in stdout
     summary = (run / "summary.md").read_text()

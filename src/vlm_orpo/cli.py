@@ -7,14 +7,14 @@ import json
 import logging
 import sys
 
-from vlm_orpo.config import ConfigError, positive_int
-from vlm_orpo.data.sources import DataError
+from vlm_orpo.config import DEFAULT_ORPO_LAMBDA, non_negative_float, non_negative_int, positive_int
+from vlm_orpo.errors import ConfigError, DataError, RunStopped
 
 USER_ERRORS = (ConfigError, DataError, FileNotFoundError)
 
 
 def _config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", help="YAML file with data/model/lora/training sections")
+    p.add_argument("--config", help="YAML file with data/model/lora/loss/training sections")
     p.add_argument("overrides", nargs="*", help="section.key=value, e.g. training.learning_rate=1e-4")
 
 
@@ -72,11 +72,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="data source (default: config's data.source)")
     p.add_argument("--split", help="named split to score (default: config's validation split or fraction)")
     p.add_argument("--limit", type=positive_int, help="score at most N pairs")
-    p.add_argument("--lambda", dest="orpo_lambda", type=float, default=None, help="ORPO lambda (default 10, as the seed)")
+    p.add_argument("--lambda", dest="orpo_lambda", type=non_negative_float, default=None,
+                   help=f"ORPO lambda (default: the config's loss.orpo_lambda, else {DEFAULT_ORPO_LAMBDA:g})")
     p.add_argument("--batch-size", type=positive_int, default=4, help="pairs per forward")
     p.add_argument("--out", default="eval", help="output directory for results.md/json/csv and plots")
     p.add_argument("--per-pair", help="write one JSON object per pair and model to this JSONL file")
-    p.add_argument("--generate", type=int, default=0, metavar="N", help="answer N prompts greedily with each model")
+    p.add_argument("--generate", type=non_negative_int, default=0, metavar="N",
+                   help="answer N prompts greedily with each model")
     p.add_argument("--pope", help="POPE-style file (image, question, label yes/no) to score hallucination")
     p.set_defaults(func=cmd_evaluate)
 
@@ -111,6 +113,12 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except RunStopped as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print(f"error: vlm-orpo {args.command} stopped by Ctrl-C", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -1,13 +1,17 @@
-"""Typed run configuration: a YAML file with data, model, lora and training sections, plus `key=value` overrides.
+"""Typed run configuration: a YAML file with data, model, lora, loss and training sections, plus `key=value`
+overrides.
 
-The training section is `OrpoTrainingArguments`, a transformers `TrainingArguments` with ORPO's fields added
-(TRL's ORPOConfig idiom), so every usual Trainer option works and is validated by the library.
+The loss has its own section (torchtune's `loss:` node): `train` and `evaluate` both read it there. The training
+section is `PreferenceTrainingArguments`, a transformers `TrainingArguments` (TRL's config idiom), so every usual
+Trainer option works; its values are type- and range-checked at load, before anything heavy starts.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import logging
+import math
 import re
 import types
 import typing
@@ -22,6 +26,7 @@ from vlm_orpo.data.sources import MAX_IMAGE_PIXELS
 from vlm_orpo.errors import ConfigError, first_line
 
 BUNDLED = "bundled"
+log = logging.getLogger(__name__)
 
 
 class _Yaml12Loader(yaml.SafeLoader):
@@ -97,26 +102,52 @@ class LoraSettings:
     def __post_init__(self):
         _check(self.method in ("lora", "qlora", "full"), f"lora.method must be lora, qlora or full, got {self.method!r}")
         _check(self.r > 0, f"lora.r must be positive, got {self.r}")
+        _check(self.alpha > 0, f"lora.alpha must be positive, got {self.alpha}")
         _check(0 <= self.dropout < 1, f"lora.dropout must be in [0, 1), got {self.dropout}")
 
 
-@dataclass
-class OrpoTrainingArguments(TrainingArguments):
-    """TrainingArguments plus ORPO's knobs."""
+LOSS_TYPES = ("orpo",)
+DEFAULT_ORPO_LAMBDA = 0.1  # TRL's ORPOConfig beta and the ORPO paper's lambda; the seed's run set 10
 
-    orpo_lambda: float = field(default=0.1, metadata={"help": "weight of the odds-ratio loss (TRL's beta)"})
-    sft_on_prompt: bool = field(default=False, metadata={"help": "add the prompt's text tokens to the SFT loss"})
+
+@dataclass
+class LossConfig:
+    """The preference loss and its parameters, named as TRL names them."""
+
+    type: str = "orpo"
+    orpo_lambda: float = DEFAULT_ORPO_LAMBDA  # weight of the odds-ratio term (TRL's `beta` for ORPO)
+    sft_on_prompt: bool = False  # add the prompt's text tokens to the NLL term (the collator then scores them)
+
+    def __post_init__(self):
+        _check(self.type in LOSS_TYPES, f"loss.type must be one of {', '.join(LOSS_TYPES)}, got {self.type!r}")
+        _check(self.orpo_lambda >= 0, f"loss.orpo_lambda must be >= 0, got {self.orpo_lambda}")
+
+
+# Keys that lived in `training:` before the loss had its own section: still read, with a deprecation line.
+MOVED_TO_LOSS = ("orpo_lambda", "sft_on_prompt")
+_POSITIVE = ("learning_rate", "per_device_train_batch_size", "per_device_eval_batch_size",
+             "gradient_accumulation_steps", "logging_steps", "save_steps", "eval_steps")
+_NON_NEGATIVE = ("warmup_steps", "weight_decay", "max_grad_norm", "dataloader_num_workers")
+
+
+@dataclass
+class PreferenceTrainingArguments(TrainingArguments):
+    """TrainingArguments, range-checked, plus the metric that picks best/."""
+
     best_metric: str = field(default="loss", metadata={"help": "eval metric that picks best/: loss or accuracy"})
     output_dir: str = field(default="runs/vlm-orpo")
     remove_unused_columns: bool = False
     report_to: Any = "none"
 
     def __post_init__(self):
-        _check(self.learning_rate > 0, f"training.learning_rate must be positive, got {self.learning_rate}")
-        _check(self.orpo_lambda >= 0, f"training.orpo_lambda must be >= 0, got {self.orpo_lambda}")
+        for name in _POSITIVE:
+            value = getattr(self, name)
+            _check(value is None or value > 0, f"training.{name} must be positive, got {value}")
+        for name in _NON_NEGATIVE:
+            _check(getattr(self, name) >= 0, f"training.{name} must be >= 0, got {getattr(self, name)}")
+        _check(self.max_steps > 0 or self.num_train_epochs > 0,
+               f"training.num_train_epochs must be positive (or set max_steps), got {self.num_train_epochs}")
         _check(self.best_metric in ("loss", "accuracy"), "training.best_metric must be loss or accuracy")
-        _check(self.per_device_train_batch_size > 0, "training.per_device_train_batch_size must be positive")
-        _check(self.gradient_accumulation_steps > 0, "training.gradient_accumulation_steps must be positive")
         super().__post_init__()
 
 
@@ -125,30 +156,42 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoraSettings = field(default_factory=LoraSettings)
-    training: dict[str, Any] = field(default_factory=dict)  # kwargs of OrpoTrainingArguments
+    loss: LossConfig = field(default_factory=LossConfig)
+    training: dict[str, Any] = field(default_factory=dict)  # kwargs of PreferenceTrainingArguments
 
     @property
     def output_dir(self) -> str:
-        return self.training.get("output_dir") or OrpoTrainingArguments.__dataclass_fields__["output_dir"].default
+        return self.training.get("output_dir") or PreferenceTrainingArguments.__dataclass_fields__["output_dir"].default
 
-    def training_args(self, **overrides) -> OrpoTrainingArguments:
-        return build_dataclass(OrpoTrainingArguments, {**self.training, **overrides}, "training")
-
-
-SECTIONS = {"data": DataConfig, "model": ModelConfig, "lora": LoraSettings, "training": OrpoTrainingArguments}
+    def training_args(self, **overrides) -> PreferenceTrainingArguments:
+        return build_dataclass(PreferenceTrainingArguments, {**self.training, **overrides}, "training")
 
 
-def positive_int(text: str) -> int:
-    """argparse type: a count of at least 1 (argparse turns the error into one usage line)."""
+SECTIONS = {
+    "data": DataConfig, "model": ModelConfig, "lora": LoraSettings, "loss": LossConfig,
+    "training": PreferenceTrainingArguments,
+}
+
+
+def _argument_type(convert, lowest, name: str):
+    """An argparse type: `convert(text)`, finite and at least `lowest` (argparse makes the error one usage line)."""
     import argparse
 
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
+    def parse(text: str):
+        try:
+            value = convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {name}") from None
+        if not math.isfinite(value) or value < lowest:
+            raise argparse.ArgumentTypeError(f"must be at least {lowest}, got {text}")
+        return value
+
+    return parse
+
+
+positive_int = _argument_type(int, 1, "a whole number")
+non_negative_int = _argument_type(int, 0, "a whole number")
+non_negative_float = _argument_type(float, 0, "a number")
 
 
 def _check(ok: bool, message: str) -> None:
@@ -176,21 +219,27 @@ def _fits(value: Any, hint: Any) -> bool:
         return isinstance(value, (int, float)) and not isinstance(value, bool)
     if hint is int:
         return isinstance(value, int) and not isinstance(value, bool)
-    return isinstance(value, origin or hint)
+    wanted = origin or hint
+    return isinstance(value, wanted) if isinstance(wanted, type) else True  # Literal and the like: the class checks
+
+
+def check_types(cls, values: dict[str, Any], section: str) -> None:
+    """Known keys, values of the annotated type, numbers finite: a one-line ConfigError otherwise."""
+    valid = [f.name for f in dataclasses.fields(cls) if f.init]
+    hints = typing.get_type_hints(cls)
+    for key, value in values.items():
+        if key not in valid:
+            raise _unknown_key_error(section, key, sorted(valid))
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{section}.{key} must be a finite number, got {value}")
+        if not _fits(value, hints[key]):
+            hint = hints[key]
+            wanted = hint.__name__ if isinstance(hint, type) else str(hint).replace("typing.", "")
+            raise ConfigError(f"{section}.{key} must be {wanted}, got {value!r}")
 
 
 def build_dataclass(cls, values: dict[str, Any], section: str):
-    valid = [f.name for f in dataclasses.fields(cls) if f.init]
-    for key in values:
-        if key not in valid:
-            raise _unknown_key_error(section, key, sorted(valid))
-    if cls is not OrpoTrainingArguments:  # TrainingArguments converts and checks its own values
-        hints = typing.get_type_hints(cls)
-        for key, value in values.items():
-            if not _fits(value, hints[key]):
-                hint = hints[key]
-                wanted = hint.__name__ if isinstance(hint, type) else str(hint).replace("typing.", "")
-                raise ConfigError(f"{section}.{key} must be {wanted}, got {value!r}")
+    check_types(cls, values, section)
     try:
         return cls(**values)
     except ConfigError:
@@ -215,40 +264,42 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Ru
         path = Path(path)
         if not path.exists():
             raise ConfigError(f"config file not found: {path}")
+        if path.is_dir():
+            raise ConfigError(f"--config {path} is a directory; give a YAML file, e.g. configs/quickstart.yaml")
         try:
             raw = read_yaml(path.read_text()) or {}
         except yaml.YAMLError as exc:
             raise ConfigError(f"{path}: not valid YAML: {first_line(exc, with_type=False)}") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"cannot read config {path}: {first_line(exc)}") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections")
     for section in raw:
         if section not in SECTIONS:
             raise ConfigError(f"unknown section {section!r}; valid sections: {', '.join(SECTIONS)}")
+        if not isinstance(raw[section] or {}, dict):
+            raise ConfigError(f"section {section!r} must be a mapping of keys to values")
     for override in overrides:
         parts, value = parse_override(override)
         node = raw.setdefault(parts[0], {})
         for part in parts[1:-1]:
             node = node.setdefault(part, {})
         node[parts[-1]] = value
-    training = raw.get("training") or {}
-    for key in training:  # fail early on typos; values are checked when the arguments are built
-        if key not in {f.name for f in dataclasses.fields(OrpoTrainingArguments)}:
-            raise _unknown_key_error("training", key, sorted(f.name for f in dataclasses.fields(OrpoTrainingArguments)))
+    sections = {name: dict(raw.get(name) or {}) for name in SECTIONS}
+    _move_loss_keys(sections)
+    check_types(PreferenceTrainingArguments, sections["training"], "training")  # ranges: when built, before loading
     return RunConfig(
-        data=build_dataclass(DataConfig, raw.get("data") or {}, "data"),
-        model=build_dataclass(ModelConfig, raw.get("model") or {}, "model"),
-        lora=build_dataclass(LoraSettings, raw.get("lora") or {}, "lora"),
-        training=dict(training),
+        **{name: build_dataclass(cls, sections[name], name) for name, cls in SECTIONS.items() if name != "training"},
+        training=sections["training"],
     )
 
 
-def to_yaml(config: RunConfig) -> str:
-    return yaml.safe_dump(
-        {
-            "data": dataclasses.asdict(config.data),
-            "model": dataclasses.asdict(config.model),
-            "lora": dataclasses.asdict(config.lora),
-            "training": config.training,
-        },
-        sort_keys=False,
-    )
+def _move_loss_keys(sections: dict[str, dict]) -> None:
+    """Older configs set the ORPO knobs under `training:`; they keep working, with one deprecation line."""
+    for key in MOVED_TO_LOSS:
+        if key not in sections["training"]:
+            continue
+        if key in sections["loss"]:
+            raise ConfigError(f"training.{key} moved to loss.{key}; the config sets both: keep loss.{key}")
+        log.warning("training.%s is deprecated: it moved to loss.%s (read from training: this time)", key, key)
+        sections["loss"][key] = sections["training"].pop(key)

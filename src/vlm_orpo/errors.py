@@ -18,3 +18,12 @@ def first_line(exc: BaseException, with_type: bool = True) -> str:
     if not with_type:
         return text or type(exc).__name__
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+class RunStopped(RuntimeError):
+    """A run that stopped for a reason the user can act on (a non-finite loss, a full disk, Ctrl-C): one line,
+    with what was kept and how to go on."""
+
+    def __init__(self, message: str, exit_code: int = 1):
+        super().__init__(message)
+        self.exit_code = exit_code

@@ -23,10 +23,17 @@ from vlm_orpo.data.sources import BadRow, open_image
 from vlm_orpo.modeling.load import load_base_model, load_processor
 from vlm_orpo.modeling.shared_prefix import set_attention_backend
 from vlm_orpo.reporting import COLUMNS, plot_comparison, results_table
-from vlm_orpo.scoring import PER_PAIR_FIELDS, score_batches
+from vlm_orpo.scoring import score_batches
 
 log = logging.getLogger(__name__)
-DEFAULT_LAMBDA = 10.0  # the seed's table used lambda = 10
+# The per-pair JSONL contract (DESIGN.md, "Contracts"): field -> the metric of `losses.pair_losses` it holds.
+PER_PAIR_FIELDS = {
+    "chosen_logp": "logps/chosen",
+    "rejected_logp": "logps/rejected",
+    "log_odds": "log_odds_chosen",
+    "sft_loss": "nll_loss",
+    "or_loss": "or_loss",
+}
 
 
 def check_adapter(path: str) -> Path:
@@ -85,7 +92,9 @@ def run_evaluate(args) -> dict:
         cfg.data.validation_split = args.split
     elif cfg.data.validation_split is None and cfg.data.validation_fraction == 0:
         cfg.data.validation_split = "validation"
-    orpo_lambda = args.orpo_lambda if args.orpo_lambda is not None else cfg.training.get("orpo_lambda", DEFAULT_LAMBDA)
+    if args.orpo_lambda is not None:
+        cfg.loss.orpo_lambda = args.orpo_lambda
+    orpo_lambda = cfg.loss.orpo_lambda
     for adapter in args.adapters:
         check_adapter(adapter)  # fail before the long part
     out = Path(args.out)
@@ -97,10 +106,12 @@ def run_evaluate(args) -> dict:
     print(report.summary())
     if dataset is None:
         raise ConfigError("no usable pairs to evaluate")
-    collator = PackedCollator(processor.tokenizer.pad_token_id, encoder.image_token_id, cfg.data.max_tokens_per_row)
+    collator = PackedCollator(
+        processor.tokenizer.pad_token_id, encoder.image_token_id, cfg.data.max_tokens_per_row, cfg.loss.sft_on_prompt
+    )
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     base = load_base_model(cfg.model, device).eval()
-    backend = set_attention_backend(base, cfg.model.attn_backend)
+    set_attention_backend(base, cfg.model.attn_backend)
 
     pope = load_pope(args.pope) if args.pope else None
     rows, generations = [], {}
@@ -108,8 +119,8 @@ def run_evaluate(args) -> dict:
     try:
         for name, model in model_variants(base, args.adapters):
             batches = _Batches(dataset, collator, args.batch_size)
-            scores = score_batches(model, batches, backend, orpo_lambda, bool(cfg.training.get("sft_on_prompt", False)))
-            rows.append((name, scores.summary(orpo_lambda)))
+            scores = score_batches(model, batches, cfg.loss)
+            rows.append((name, scores.means()))
             if per_pair:
                 write_per_pair(per_pair, name, scores)
             if args.generate:
@@ -148,9 +159,9 @@ def pope_table(rows) -> str:
 
 def write_per_pair(f, model_name: str, scores) -> None:
     """One JSON object per pair: the contract in DESIGN.md ("Contracts")."""
-    values = {k: scores.values[k].tolist() for k in PER_PAIR_FIELDS}
+    values = {field: scores.values[metric].tolist() for field, metric in PER_PAIR_FIELDS.items()}
     for i, meta in enumerate(scores.meta):
-        record = {"model": model_name, **meta, **{k: values[k][i] for k in PER_PAIR_FIELDS}}
+        record = {"model": model_name, **meta, **{field: values[field][i] for field in PER_PAIR_FIELDS}}
         f.write(json.dumps(record) + "\n")
 
 

@@ -8,14 +8,18 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
+# (metric name as `losses.pair_losses` gives it, column title): the results table and the curves.
 COLUMNS = (
     ("loss", "ORPO loss (λ = {lam:g})"),
-    ("sft_loss", "SFT loss"),
+    ("nll_loss", "SFT loss"),
     ("or_loss", "OR loss"),
-    ("accuracy", "Pref. accuracy"),
-    ("reward_margin", "Reward margin"),
-    ("log_odds", "Log-odds"),
+    ("rewards/accuracies", "Pref. accuracy"),
+    ("rewards/margins", "Reward margin"),
+    ("log_odds_chosen", "Log-odds"),
 )
+ACCURACY = "rewards/accuracies"
+# (metric name, plot title): each plot has the train curve and the eval curve (`eval_` + name) of one metric
+CURVES = (("loss", "ORPO loss"), ("nll_loss", "SFT loss"), ("or_loss", "OR loss"), (ACCURACY, "Preference accuracy"))
 
 
 def results_table(rows: list[tuple[str, dict[str, float]]], orpo_lambda: float) -> str:
@@ -25,7 +29,7 @@ def results_table(rows: list[tuple[str, dict[str, float]]], orpo_lambda: float) 
         cells = [name]
         for key, _ in COLUMNS:
             value = metrics.get(key)
-            cells.append("—" if value is None else (f"{value:.1%}" if key == "accuracy" else f"{value:.4f}"))
+            cells.append("—" if value is None else (f"{value:.1%}" if key == ACCURACY else f"{value:.4f}"))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -54,14 +58,6 @@ def plot_comparison(rows: list[tuple[str, dict[str, float]]], orpo_lambda: float
     return path
 
 
-TRAIN_CURVES = (
-    ("ORPO loss", "loss", "eval_loss"),
-    ("SFT loss", "nll_loss", "eval_sft_loss"),
-    ("OR loss", "or_loss", "eval_or_loss"),
-    ("Preference accuracy", "rewards/accuracies", "eval_accuracy"),
-)
-
-
 def read_jsonl(path: Path) -> list[dict]:
     """Records of a JSONL file. A torn last line (its writer was killed mid-line) is dropped with a warning."""
     lines = [line for line in Path(path).read_text().splitlines() if line.strip()]
@@ -81,9 +77,9 @@ def plot_training(metrics_path: Path, out_dir: Path) -> list[Path]:
     plt = _pyplot()
     records = read_jsonl(metrics_path)
     paths = []
-    for title, train_key, eval_key in TRAIN_CURVES:
+    for name, title in CURVES:
         fig, ax = plt.subplots(figsize=(5, 3.4))
-        for key, label in ((train_key, "train"), (eval_key, "eval")):
+        for key, label in ((name, "train"), (f"eval_{name}", "eval")):
             points = [(r["step"], r[key]) for r in records if key in r]
             if points:
                 ax.plot(*zip(*points), marker="o" if label == "eval" else None, markersize=3, label=label)

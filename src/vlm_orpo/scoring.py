@@ -1,6 +1,7 @@
-"""Score preference pairs with the packed forward: per-pair log-probs and ORPO terms, and their summary.
+"""Score preference pairs with the packed forward: per-pair loss and metrics, and their dataset means.
 
-Training's validation and `vlm-orpo evaluate` both use this, so there is one implementation of the metrics.
+Training's validation and `vlm-orpo evaluate` both use this, and the metrics come from `losses.pair_losses`, the
+same function as the training loss, so every number has one definition and one name.
 """
 
 from __future__ import annotations
@@ -9,15 +10,14 @@ from dataclasses import dataclass, field
 
 import torch
 
-from vlm_orpo.losses import orpo_terms
+from vlm_orpo.config import LossConfig
+from vlm_orpo.losses import pair_losses
 from vlm_orpo.modeling.shared_prefix import packed_logps
-
-PER_PAIR_FIELDS = ("chosen_logp", "rejected_logp", "log_odds", "sft_loss", "or_loss")
 
 
 @dataclass
 class PairScores:
-    """Per-pair values, in dataset order, as 1D float tensors on CPU."""
+    """Per-pair metrics (TRL's names), in dataset order, as 1D float tensors on CPU."""
 
     values: dict[str, torch.Tensor] = field(default_factory=dict)
     meta: list[dict] = field(default_factory=list)  # idx and token ids per pair (single process only)
@@ -25,54 +25,36 @@ class PairScores:
     def __len__(self) -> int:
         return len(next(iter(self.values.values()))) if self.values else 0
 
-    def summary(self, orpo_lambda: float) -> dict[str, float]:
-        """The results-table columns: ORPO/SFT/OR loss, preference accuracy, reward margin, log-odds."""
-        v = self.values
-        if not v:
+    def means(self) -> dict[str, float]:
+        """Dataset means of every metric, plus the number of pairs."""
+        if not self.values:
             raise ValueError("no pairs were scored")
-        margin = v["chosen_logp"] - v["rejected_logp"]
-        return {
-            "loss": (v["sft_loss"] + orpo_lambda * v["or_loss"]).mean().item(),
-            "sft_loss": v["sft_loss"].mean().item(),
-            "or_loss": v["or_loss"].mean().item(),
-            "accuracy": (margin > 0).float().mean().item(),
-            "reward_margin": (orpo_lambda * margin).mean().item(),
-            "log_odds": v["log_odds"].mean().item(),
-            "logps_chosen": v["chosen_logp"].mean().item(),
-            "logps_rejected": v["rejected_logp"].mean().item(),
-            "pairs": float(len(self)),
-        }
+        return {**{name: v.mean().item() for name, v in self.values.items()}, "pairs": float(len(self))}
 
 
-def score_batch(model, batch: dict, backend: str, orpo_lambda: float, sft_on_prompt: bool) -> dict[str, torch.Tensor]:
-    logps = packed_logps(model, batch, backend)
-    terms = orpo_terms(logps, orpo_lambda, sft_on_prompt)
-    return {
-        "chosen_logp": logps.chosen,
-        "rejected_logp": logps.rejected,
-        "log_odds": terms.log_odds,
-        "sft_loss": terms.sft_loss,
-        "or_loss": terms.or_loss,
-    }
+def move_batch(batch: dict, device: torch.device) -> dict:
+    """The packed batch on `device`: its tensors, and the image tensors nested under `images`."""
+    moved = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    moved["images"] = {k: v.to(device) for k, v in batch["images"].items()}
+    return moved
 
 
 @torch.no_grad()
-def score_batches(model, batches, backend: str, orpo_lambda: float, sft_on_prompt: bool = False, gather=None):
+def score_batches(model, batches, loss_cfg: LossConfig, gather=None) -> PairScores:
     """Score an iterable of packed batches; `gather` (e.g. accelerate's gather_for_metrics) joins processes."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    parts: dict[str, list[torch.Tensor]] = {name: [] for name in PER_PAIR_FIELDS}
+    parts: dict[str, list[torch.Tensor]] = {}
     meta: list[dict] = []
     try:
         for batch in batches:
-            batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+            batch = move_batch(batch, device)
             if gather is None:
                 meta.extend(batch.get("meta", []))
-            scores = score_batch(model, batch, backend, orpo_lambda, sft_on_prompt)
-            for name, value in scores.items():
+            for name, value in pair_losses(packed_logps(model, batch), loss_cfg).items():
                 value = value.float()
-                parts[name].append((gather(value) if gather else value).cpu())
+                parts.setdefault(name, []).append((gather(value) if gather else value).cpu())
     finally:
         model.train(was_training)
-    return PairScores({name: torch.cat(chunks) for name, chunks in parts.items() if chunks}, meta)
+    return PairScores({name: torch.cat(chunks) for name, chunks in parts.items()}, meta)

@@ -1,171 +1,40 @@
-"""`vlm-orpo train`: ORPO with the shared-prefix forward on the transformers Trainer.
+"""`vlm-orpo train`: a preference loss with the shared-prefix forward on the transformers Trainer.
 
-Read top to bottom: load data and model, attach the adapter, train with validation, keep best/ and final/,
-write metrics.jsonl, summary.md and plots. Gradient accumulation, mixed precision, checkpoints, report_to and
-accelerate/DeepSpeed/FSDP all come from the Trainer.
+Read top to bottom: check and lock the run directory, load data and model, attach the adapter, train with
+validation, keep best/ and final/, write metrics.jsonl, summary.md and plots. Gradient accumulation, mixed
+precision, checkpoints, report_to and accelerate/DeepSpeed/FSDP all come from the Trainer (see `trainer`).
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
 import shutil
 import time
-from collections import defaultdict
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from transformers import Trainer, TrainerCallback, set_seed
-from transformers.trainer import TRAINER_STATE_NAME
-from transformers.trainer_utils import get_last_checkpoint, rotate_checkpoints, sort_checkpoints
-from transformers.training_args import ParallelMode
+from transformers import set_seed
+from transformers.trainer_callback import ProgressCallback
 
-from vlm_orpo.config import ConfigError, RunConfig
+from vlm_orpo.config import ConfigError, PreferenceTrainingArguments, RunConfig
 from vlm_orpo.data.packing import PackedCollator, PairEncoder, load_pairs
-from vlm_orpo.losses import orpo_metrics, orpo_terms
-from vlm_orpo.modeling.load import (
-    attach_adapter,
-    load_base_model,
-    load_processor,
-    model_family,
-    trainable_parameters,
-)
+from vlm_orpo.errors import RunStopped, first_line
 from vlm_orpo.modeling.compile import compile_decoder_layers
-from vlm_orpo.modeling.shared_prefix import packed_logps, set_attention_backend
+from vlm_orpo.modeling.load import attach_adapter, load_base_model, load_processor, model_family, trainable_parameters
+from vlm_orpo.modeling.shared_prefix import attention_backend, set_attention_backend
 from vlm_orpo.reporting import plot_training, read_jsonl, results_table
-from vlm_orpo.scoring import score_batches
+from vlm_orpo.run_dir import BEST, FINAL, METRICS, SUMMARY, RunDir
+from vlm_orpo.trainer import CompactProgress, FiniteGuard, MetricsFile, PreferenceTrainer
 
 log = logging.getLogger(__name__)
 
-BEST, FINAL, METRICS, SUMMARY = "best", "final", "metrics.jsonl", "summary.md"
-BEST_METRICS = {"loss": ("eval_loss", min), "accuracy": ("eval_accuracy", max)}
 
-
-class OrpoTrainer(Trainer):
-    """Trainer whose loss is ORPO over the packed shared-prefix forward, with our own validation pass."""
-
-    def __init__(self, *args, attn_backend: str = "sdpa", **kwargs):
-        super().__init__(*args, **kwargs)
-        self.attn_backend = attn_backend
-        self.model_accepts_loss_kwargs = False  # our loss is a per-pair mean: let Trainer scale it for accumulation
-        self._train_metrics: dict[str, list[float]] = defaultdict(list)
-        self._pairs_since_log = 0
-        self._last_log_time = time.perf_counter()
-        self.evaluated_at_step: int | None = None
-
-    def train(self, *args, **kwargs):
-        self._last_log_time = time.perf_counter()  # pairs/s counts training, not model loading or the base eval
-        return super().train(*args, **kwargs)
-
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        logps = packed_logps(model, inputs, self.attn_backend)
-        terms = orpo_terms(logps, self.args.orpo_lambda, self.args.sft_on_prompt)
-        loss = terms.loss.mean()
-        if model.training:
-            for name, value in orpo_metrics(logps, terms, self.args.orpo_lambda).items():
-                self._train_metrics[name].append(value)
-            self._pairs_since_log += int(inputs["segment_tokens"].shape[0])
-        return (loss, {"loss": loss}) if return_outputs else loss
-
-    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        if "loss" in logs and self._train_metrics:  # a training log: add the ORPO metrics and throughput
-            local = {k: sum(v) / len(v) for k, v in self._train_metrics.items()}
-            if self.args.parallel_mode != ParallelMode.DISTRIBUTED:  # Trainer gathers loss only on GPU DDP
-                local["loss"] = logs["loss"]
-            logs.update(self._mean_over_processes(local))
-            now = time.perf_counter()
-            logs["pairs_per_s"] = self._pairs_since_log * self.args.world_size / max(now - self._last_log_time, 1e-9)
-            self._train_metrics.clear()
-            self._pairs_since_log, self._last_log_time = 0, now
-        super().log(logs, start_time)
-
-    def _mean_over_processes(self, values: dict[str, float]) -> dict[str, float]:
-        if self.args.world_size <= 1:
-            return values
-        keys = sorted(values)
-        mean = self.accelerator.reduce(torch.tensor([values[k] for k in keys], device=self.args.device), "mean")
-        return dict(zip(keys, mean.tolist()))
-
-    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
-        started = time.perf_counter()
-        dataloader = self.get_eval_dataloader(eval_dataset)
-        scores = score_batches(
-            self.model,
-            dataloader,
-            self.attn_backend,
-            self.args.orpo_lambda,
-            self.args.sft_on_prompt,
-            gather=self.accelerator.gather_for_metrics,
-        )
-        metrics = {f"{metric_key_prefix}_{k}": v for k, v in scores.summary(self.args.orpo_lambda).items()}
-        self.log(metrics)
-        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
-        self._keep_best(metrics)
-        self.evaluated_at_step = self.state.global_step
-        self._last_log_time += time.perf_counter() - started  # pairs/s counts training time only
-        return metrics
-
-    def _keep_best(self, metrics: dict[str, float]) -> None:
-        """Save the adapter to best/ when the chosen eval metric improves (survives resume via best.json)."""
-        key, better = BEST_METRICS[self.args.best_metric]
-        out = Path(self.args.output_dir)
-        record = out / BEST / "best.json"
-        previous = json.loads(record.read_text())["metrics"][key] if record.exists() else None
-        if previous is not None and better(previous, metrics[key]) == previous:
-            return
-        staging = out / f".{BEST}.tmp"
-        self.save_model(str(staging))
-        if self.args.should_save:
-            (staging / "best.json").write_text(json.dumps({"step": self.state.global_step, "metrics": metrics}))
-            shutil.rmtree(out / BEST, ignore_errors=True)
-            os.replace(staging, out / BEST)
-        self.accelerator.wait_for_everyone()
-
-    def _save_checkpoint(self, model, trial):
-        """Write the checkpoint into a staging folder, then rename it: a kill mid-save leaves no half checkpoint."""
-        run_dir = self._get_output_dir(trial=trial)
-        staging = os.path.join(run_dir, ".staging")
-        self._get_output_dir = lambda trial=None: staging
-        try:
-            super()._save_checkpoint(model, trial)
-        finally:
-            del self._get_output_dir
-        self.accelerator.wait_for_everyone()
-        name = f"checkpoint-{self.state.global_step}"
-        best = self.state.best_model_checkpoint
-        if best is not None and Path(best).parent == Path(staging):  # Trainer saw the checkpoint in staging
-            self.state.best_model_checkpoint = os.path.join(run_dir, Path(best).name)
-        if self.args.should_save:
-            shutil.rmtree(os.path.join(run_dir, name), ignore_errors=True)
-            os.replace(os.path.join(staging, name), os.path.join(run_dir, name))
-            if best != self.state.best_model_checkpoint:
-                self.state.save_to_json(os.path.join(run_dir, name, TRAINER_STATE_NAME))
-            rotate_checkpoints(run_dir, self.args.save_total_limit, self.state.best_model_checkpoint, use_mtime=False)
-        self.accelerator.wait_for_everyone()
-
-
-class MetricsFile(TrainerCallback):
-    """Append every log record, with its step, to metrics.jsonl (main process only)."""
-
-    def __init__(self, path: Path):
-        self.path = path
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if state.is_world_process_zero and logs:
-            with self.path.open("a") as f:
-                f.write(json.dumps({"step": state.global_step, **logs}) + "\n")
-
-
-def _truncate_metrics(path: Path, last_step: int) -> None:
-    """On resume, drop records the killed run wrote after its last checkpoint (they are recomputed)."""
-    if path.exists():
-        kept = [r for r in read_jsonl(path) if r["step"] <= last_step]
-        path.write_text("".join(json.dumps(r) + "\n" for r in kept))
-
-
-def build_trainer(cfg: RunConfig):
-    """Everything up to `Trainer.train`: data, model, adapter, collator."""
+def training_arguments(cfg: RunConfig) -> PreferenceTrainingArguments:
+    """The Trainer's arguments, range-checked; CPU-only runs get no pinned memory (and none of its warnings)."""
     multi_cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
     # accelerate runs CPU processes as DDP (gloo) only with use_cpu; without it they would train apart, silently
     args = cfg.training_args(**({"use_cpu": True} if multi_cpu else {}))
@@ -177,6 +46,12 @@ def build_trainer(cfg: RunConfig):
         )
     if args.gradient_checkpointing and args.gradient_checkpointing_kwargs is None:
         args.gradient_checkpointing_kwargs = {"use_reentrant": False}  # LoRA with a frozen embedding needs this
+    args.dataloader_pin_memory = args.dataloader_pin_memory and args.device.type == "cuda"
+    return args
+
+
+def build_trainer(cfg: RunConfig, args: PreferenceTrainingArguments):
+    """Everything up to `Trainer.train`: data, model, adapter, collator."""
     set_seed(args.seed)
     processor = load_processor(cfg.model)
     family = model_family(cfg.model)
@@ -185,7 +60,7 @@ def build_trainer(cfg: RunConfig):
     if train_set is None:
         raise ConfigError(f"no usable training pairs in {cfg.data.source!r} ({report.summary()})")
     model = load_base_model(cfg.model, args.device, quantize_4bit=cfg.lora.method == "qlora")
-    backend = set_attention_backend(model, cfg.model.attn_backend)
+    set_attention_backend(model, cfg.model.attn_backend)
     model = attach_adapter(model, family, cfg.lora, args.gradient_checkpointing)
     if cfg.model.compile_layers is True or (cfg.model.compile_layers == "auto" and args.device.type == "cuda"):
         compile_decoder_layers(model)
@@ -193,28 +68,31 @@ def build_trainer(cfg: RunConfig):
         pad_token_id=processor.tokenizer.pad_token_id,
         image_token_id=encoder.image_token_id,
         max_tokens_per_row=cfg.data.max_tokens_per_row,
-        sft_on_prompt=args.sft_on_prompt,
+        sft_on_prompt=cfg.loss.sft_on_prompt,
     )
     if eval_set is None:
         args.eval_strategy = "no"
-    trainer = OrpoTrainer(
+    trainer = PreferenceTrainer(
         model=model,
         args=args,
         train_dataset=train_set,
         eval_dataset=eval_set,
         data_collator=collator,
         processing_class=processor,
-        attn_backend=backend,
+        loss_cfg=cfg.loss,
     )
+    trainer.remove_callback(ProgressCallback)
+    trainer.add_callback(CompactProgress)
+    trainer.add_callback(FiniteGuard(model))
     return trainer, report
 
 
-def plan(cfg: RunConfig, args, trainer: OrpoTrainer | None = None, report=None) -> str:
+def plan(cfg: RunConfig, args, trainer: PreferenceTrainer | None = None, report=None) -> str:
     lines = [f"model: {cfg.model.name_or_path} ({cfg.lora.method}, attention {cfg.model.attn_backend})"]
     if trainer is not None:
         trainable, total = trainable_parameters(trainer.model)
         lines.append(f"trainable parameters: {trainable:,} of {total:,} ({trainable / total:.2%})")
-        lines.append(f"attention backend: {trainer.attn_backend}")
+        lines.append(f"attention backend: {attention_backend(trainer.model)}")
         lines.append(f"train pairs: {len(trainer.train_dataset)}")
         eval_n = len(trainer.eval_dataset) if trainer.eval_dataset is not None else 0
         lines.append(f"validation pairs: {eval_n}")
@@ -224,48 +102,90 @@ def plan(cfg: RunConfig, args, trainer: OrpoTrainer | None = None, report=None) 
         f"optimisation: lr {args.learning_rate:g} ({args.lr_scheduler_type}), "
         f"batch {args.per_device_train_batch_size} x accumulation {args.gradient_accumulation_steps}, "
         f"{'max_steps ' + str(args.max_steps) if args.max_steps > 0 else str(args.num_train_epochs) + ' epochs'}, "
-        f"ORPO lambda {args.orpo_lambda:g}"
+        f"loss {cfg.loss.type} (ORPO lambda {cfg.loss.orpo_lambda:g})"
     )
     lines.append(f"output: {args.output_dir}")
     return "\n".join(lines)
 
 
 def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False) -> Path:
+    """Train into `cfg.output_dir`; every check that needs no model runs before the model loads."""
     start = time.perf_counter()
-    out = Path(cfg.output_dir)
-    old = [Path(p) for p in sort_checkpoints(str(out))]  # oldest first
-    if old and not resume and not overwrite:  # before the model loads: fail fast
+    args = training_arguments(cfg)
+    run = RunDir(cfg.output_dir)
+    if resume and run.finished_step() is not None:
+        print(f"{run.path} finished at step {run.finished_step()}: nothing to resume (final/ is its adapter; "
+              "--overwrite starts over)", flush=True)
+        return run.path
+    old = run.checkpoints()
+    if old and not resume and not overwrite:
         raise ConfigError(
-            f"{out} holds checkpoints of an earlier run ({', '.join(p.name for p in old[-3:])}): pass --resume to "
-            "continue it, --overwrite to start over (deletes them), or set another training.output_dir"
+            f"{run.path} holds checkpoints of an earlier run ({', '.join(p.name for p in old[-3:])}): pass --resume "
+            "to continue it, --overwrite to start over (deletes them), or set another training.output_dir"
         )
-    trainer, report = build_trainer(cfg)
-    checkpoint = get_last_checkpoint(str(out)) if resume else None
+    checkpoint = run.last_checkpoint() if resume else None
     if resume and checkpoint is None:
-        raise ConfigError(f"--resume: no checkpoint in {out}")
-    metrics_path = out / METRICS
-    if trainer.is_world_process_zero():  # one process edits the run folder; the others wait
-        out.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(out / ".staging", ignore_errors=True)
-        if checkpoint is None:
-            for stale in [*old, out / BEST]:
-                shutil.rmtree(stale, ignore_errors=True)
-            metrics_path.unlink(missing_ok=True)
-        else:
-            _truncate_metrics(metrics_path, int(Path(checkpoint).name.split("-")[-1]))
-    trainer.accelerator.wait_for_everyone()
-    trainer.add_callback(MetricsFile(metrics_path))
-    if trainer.is_world_process_zero():
-        print(plan(cfg, trainer.args, trainer, report), flush=True)
-    if trainer.eval_dataset is not None and checkpoint is None:
-        trainer.evaluate()  # step 0: the adapter is still the identity, so this is the base model's row
-    trainer.train(resume_from_checkpoint=checkpoint)
-    if trainer.eval_dataset is not None and trainer.evaluated_at_step != trainer.state.global_step:
-        trainer.evaluate()  # Trainer evaluates at the last step itself when eval_strategy is steps
-    trainer.save_model(str(out / FINAL))
-    if trainer.is_world_process_zero():
-        write_summary(out, trainer.args.orpo_lambda, time.perf_counter() - start, report)
-    return out
+        raise ConfigError(f"--resume: no checkpoint in {run.path}")
+    main_process = args.process_index == 0
+    if main_process:  # one process owns the run folder for the run's life; the others wait for it
+        run.lock()
+    try:
+        trainer, report = build_trainer(cfg, args)
+        if main_process:
+            for stale in (".staging", f".{BEST}.tmp", f".{FINAL}.tmp"):
+                shutil.rmtree(run / stale, ignore_errors=True)
+            if checkpoint is None:
+                for stale in [*old, run / BEST, run / FINAL]:
+                    shutil.rmtree(stale, ignore_errors=True)
+                (run / METRICS).unlink(missing_ok=True)
+            else:
+                run.truncate_metrics(int(checkpoint.name.split("-")[-1]))
+        trainer.accelerator.wait_for_everyone()
+        trainer.add_callback(MetricsFile(run / METRICS))
+        if main_process:
+            print(plan(cfg, trainer.args, trainer, report), flush=True)
+        with stopped_cleanly(trainer, run):
+            if trainer.eval_dataset is not None and checkpoint is None:
+                trainer.evaluate()  # step 0: the adapter is still the identity, so this is the base model's row
+            trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+            if trainer.eval_dataset is not None and trainer.evaluated_at_step != trainer.state.global_step:
+                trainer.evaluate()  # Trainer evaluates at the last step itself when eval_strategy is steps
+            trainer.save_model_atomically(FINAL, "run.json", {"step": trainer.state.global_step})
+            if main_process:
+                write_summary(run.path, cfg.loss.orpo_lambda, time.perf_counter() - start, report)
+    finally:
+        run.unlock()
+    return run.path
+
+
+@contextmanager
+def stopped_cleanly(trainer: PreferenceTrainer, run: RunDir):
+    """Ctrl-C and a full disk end the run with one line that says what was kept and how to go on."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        raise RunStopped(f"stopped by Ctrl-C at step {trainer.state.global_step}; {_kept(run)}; continue with the "
+                         "same command and --resume", exit_code=130) from None
+    except (OSError, RuntimeError) as exc:
+        if isinstance(exc, RunStopped) or not _disk_full(exc, run.path):
+            raise
+        raise RunStopped(f"no space left on the device of {run.path} at step {trainer.state.global_step} "
+                         f"({first_line(exc)[:120]}); {_kept(run)}; free space and run again with --resume") from None
+
+
+def _kept(run: RunDir) -> str:
+    names = [p.name for p in run.checkpoints()[-1:]] + ([f"{BEST}/"] if (run / BEST).is_dir() else [])
+    return f"kept: {', '.join(names)}" if names else "no checkpoint was complete yet"
+
+
+def _disk_full(exc: BaseException, path: Path) -> bool:
+    """ENOSPC, or a writer (torch.save, safetensors) whose own error hides it while the disk is indeed full."""
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    try:
+        return shutil.disk_usage(path).free < (1 << 20)
+    except OSError:
+        return False
 
 
 def write_summary(out: Path, orpo_lambda: float, seconds: float, report) -> None:

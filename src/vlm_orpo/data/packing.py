@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from enum import IntEnum
 from typing import Any
 
 import torch
@@ -16,10 +17,17 @@ import torch.nn.functional as F
 
 from vlm_orpo.data.sources import BadRow, open_image
 
-PAD, PROMPT, CHOSEN, REJECTED = -1, 0, 1, 2
-# Log-prob segments per pair: index = 3 * pair + kind.
-SEG_CHOSEN, SEG_REJECTED, SEG_PROMPT = 0, 1, 2
-SEGMENTS_PER_PAIR = 3
+
+
+class Part(IntEnum):
+    """The parts of a pair: a token's `span` in the packed row, and its log-prob segment (`3 * pair + part`)."""
+
+    PROMPT = 0
+    CHOSEN = 1
+    REJECTED = 2
+
+
+PAD = -1  # the span of padding
 
 
 @dataclass
@@ -207,9 +215,10 @@ class PackedCollator:
     """Builds the packed batch consumed by `modeling.shared_prefix.packed_logps`.
 
     Keys: input_ids, position_ids, pair_index, span ([rows, T]); logits_to_keep (row positions whose hidden
-    state predicts an answer token); target_row/target_col/target_ids/target_segment ([targets]);
-    segment_tokens ([pairs, 3]); meta (per pair: idx and the token ids exactly as fed); and the image
-    tensors, one image per pair in row order.
+    state predicts a scored token); target_row/target_col/target_ids/target_segment ([targets]);
+    segment_tokens ([pairs, len(Part)]); meta (per pair: idx and the token ids exactly as fed); images (the
+    processor's image tensors, one image per pair in row order). The prompt's text tokens are scored (their
+    segment counts are non-zero) exactly when the collator was built with `sft_on_prompt`.
     """
 
     def __init__(
@@ -241,7 +250,7 @@ class PackedCollator:
                 start += len(pairs[i])
         t_row, t_pos, t_ids, t_seg = (torch.tensor(col, dtype=torch.long) for col in zip(*targets))
         keep, t_col = torch.unique(t_pos, sorted=True, return_inverse=True)
-        segment_tokens = torch.bincount(t_seg, minlength=SEGMENTS_PER_PAIR * len(pairs))
+        segment_tokens = torch.bincount(t_seg, minlength=len(Part) * len(pairs))
         return {
             "input_ids": input_ids,
             "position_ids": position_ids,
@@ -252,12 +261,12 @@ class PackedCollator:
             "target_col": t_col,
             "target_ids": t_ids,
             "target_segment": t_seg,
-            "segment_tokens": segment_tokens.view(len(pairs), SEGMENTS_PER_PAIR),
+            "segment_tokens": segment_tokens.view(len(pairs), len(Part)),
             "meta": [
                 {"idx": p.idx, "prompt_ids": p.prompt_ids, "chosen_ids": p.chosen_ids, "rejected_ids": p.rejected_ids}
                 for p in pairs
             ],
-            **collate_image_inputs([p.image_inputs for p in pairs]),
+            "images": collate_image_inputs([p.image_inputs for p in pairs]),
         }
 
     def _place(self, pair, r, start, pair_no, input_ids, position_ids, pair_index, span, targets):
@@ -267,20 +276,20 @@ class PackedCollator:
         position_ids[r, start : start + P + C] = torch.arange(P + C)
         position_ids[r, start + P + C : end] = torch.arange(P, P + R)
         pair_index[r, start:end] = pair_no
-        span[r, start : start + P] = PROMPT
-        span[r, start + P : start + P + C] = CHOSEN
-        span[r, start + P + C : end] = REJECTED
-        seg = SEGMENTS_PER_PAIR * pair_no
+        span[r, start : start + P] = Part.PROMPT
+        span[r, start + P : start + P + C] = Part.CHOSEN
+        span[r, start + P + C : end] = Part.REJECTED
+        seg = len(Part) * pair_no
         if self.sft_on_prompt:
             for k in range(1, P):
                 if pair.prompt_ids[k] != self.image_token_id:
-                    targets.append((r, start + k - 1, pair.prompt_ids[k], seg + SEG_PROMPT))
+                    targets.append((r, start + k - 1, pair.prompt_ids[k], seg + Part.PROMPT))
         for j, tok in enumerate(pair.chosen_ids):
-            targets.append((r, start + P + j - 1, tok, seg + SEG_CHOSEN))
+            targets.append((r, start + P + j - 1, tok, seg + Part.CHOSEN))
         for j, tok in enumerate(pair.rejected_ids):
             # the first rejected token is predicted by the last prompt token, like the first chosen one
             predictor = start + P - 1 if j == 0 else start + P + C + j - 1
-            targets.append((r, predictor, tok, seg + SEG_REJECTED))
+            targets.append((r, predictor, tok, seg + Part.REJECTED))
 
 
 def load_pairs(data_cfg, encoder: PairEncoder, *, train: bool = True, limit: int | None = None):

@@ -38,7 +38,3 @@ def compile_decoder_layers(model, **compile_kwargs) -> int:
         layer.compile(**compile_kwargs)
     return len(layers)
 
-
-def is_compiled(model) -> bool:
-    """True when every decoder layer carries a compiled call (see `compile_decoder_layers`)."""
-    return all(getattr(layer, "_compiled_call_impl", None) is not None for layer in decoder_layers(model))

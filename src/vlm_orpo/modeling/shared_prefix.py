@@ -9,27 +9,11 @@ from __future__ import annotations
 
 import torch
 
-from vlm_orpo.data.packing import CHOSEN, REJECTED, SEG_CHOSEN, SEG_PROMPT, SEG_REJECTED, SEGMENTS_PER_PAIR
+from vlm_orpo.data.packing import Part
 from vlm_orpo.losses import PairLogps
 from vlm_orpo.modeling.families import family_for
 
 BACKENDS = ("auto", "sdpa", "flex")
-# Batch keys that describe the packing; every other key is an image input for the model (pixel_values, ...).
-PACKING_KEYS = frozenset(
-    {
-        "input_ids",
-        "position_ids",
-        "pair_index",
-        "span",
-        "logits_to_keep",
-        "target_row",
-        "target_col",
-        "target_ids",
-        "target_segment",
-        "segment_tokens",
-        "meta",
-    }
-)
 _LOGSOFTMAX_CHUNK = 2048  # target tokens per fp32 log-softmax chunk
 
 
@@ -50,11 +34,19 @@ def resolve_backend(backend: str, device: torch.device) -> str:
 
 
 def set_attention_backend(model, backend: str) -> str:
-    """Point the language model's attention at SDPA or FlexAttention; the vision tower keeps its own."""
+    """Point the language model's attention at SDPA or FlexAttention; the vision tower keeps its own.
+
+    The model is the one holder of this choice: `attention_backend` reads it back."""
     hf = unwrap(model)
     resolved = resolve_backend(backend, hf.device)
     hf.set_attn_implementation({"text_config": "flex_attention" if resolved == "flex" else "sdpa"})
     return resolved
+
+
+def attention_backend(model) -> str:
+    """"flex" or "sdpa": what the language model's attention is set to, so the mask is built to match."""
+    implementation = unwrap(model).config.get_text_config()._attn_implementation
+    return "flex" if implementation == "flex_attention" else "sdpa"
 
 
 def dense_mask(pair_index: torch.Tensor, span: torch.Tensor) -> torch.Tensor:
@@ -66,7 +58,7 @@ def dense_mask(pair_index: torch.Tensor, span: torch.Tensor) -> torch.Tensor:
     pos = torch.arange(T, device=pair_index.device)
     causal = pos[:, None] >= pos[None, :]
     same_pair = pair_index[:, :, None] == pair_index[:, None, :]
-    hidden = (span[:, :, None] == REJECTED) & (span[:, None, :] == CHOSEN)
+    hidden = (span[:, :, None] == Part.REJECTED) & (span[:, None, :] == Part.CHOSEN)
     return (same_pair & causal & ~hidden)[:, None]
 
 
@@ -76,7 +68,7 @@ def block_mask(pair_index: torch.Tensor, span: torch.Tensor):
 
     def mask_mod(b, h, q, kv):
         same_pair = pair_index[b, q] == pair_index[b, kv]
-        hidden = (span[b, q] == REJECTED) & (span[b, kv] == CHOSEN)
+        hidden = (span[b, q] == Part.REJECTED) & (span[b, kv] == Part.CHOSEN)
         return same_pair & (kv <= q) & ~hidden
 
     rows, T = pair_index.shape
@@ -93,32 +85,31 @@ def token_logps(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return torch.cat(out)
 
 
-def packed_logps(model, batch: dict, backend: str = "sdpa") -> PairLogps:
+def packed_logps(model, batch: dict) -> PairLogps:
     """Per-pair summed answer log-probs from one forward over packed rows (see `data.packing`)."""
     hf = unwrap(model)
     family = family_for(hf.config)
-    build_mask = block_mask if backend == "flex" else dense_mask
+    build_mask = block_mask if attention_backend(hf) == "flex" else dense_mask
     mask = build_mask(batch["pair_index"], batch["span"])
-    image_inputs = {k: v for k, v in batch.items() if k not in PACKING_KEYS}
     outputs = model(
         input_ids=batch["input_ids"],
         attention_mask=mask,
         position_ids=family.position_ids(hf, batch),
         logits_to_keep=batch["logits_to_keep"],
         use_cache=False,
-        **image_inputs,
+        **batch["images"],
     )
     logits = outputs.logits[batch["target_row"], batch["target_col"]]
     logps = token_logps(logits, batch["target_ids"])
     counts = batch["segment_tokens"]
     sums = torch.zeros(counts.numel(), dtype=logps.dtype, device=logps.device)
-    sums = sums.index_add(0, batch["target_segment"], logps).view(-1, SEGMENTS_PER_PAIR)
-    has_prompt = bool(counts[:, SEG_PROMPT].any())
+    sums = sums.index_add(0, batch["target_segment"], logps).view(-1, len(Part))
+    has_prompt = bool(counts[:, Part.PROMPT].any())  # the collator scored the prompt's text (sft_on_prompt)
     return PairLogps(
-        chosen_sum=sums[:, SEG_CHOSEN],
-        rejected_sum=sums[:, SEG_REJECTED],
-        chosen_tokens=counts[:, SEG_CHOSEN].to(logps.dtype),
-        rejected_tokens=counts[:, SEG_REJECTED].to(logps.dtype),
-        prompt_sum=sums[:, SEG_PROMPT] if has_prompt else None,
-        prompt_tokens=counts[:, SEG_PROMPT].to(logps.dtype) if has_prompt else None,
+        chosen_sum=sums[:, Part.CHOSEN],
+        rejected_sum=sums[:, Part.REJECTED],
+        chosen_tokens=counts[:, Part.CHOSEN].to(logps.dtype),
+        rejected_tokens=counts[:, Part.REJECTED].to(logps.dtype),
+        prompt_sum=sums[:, Part.PROMPT] if has_prompt else None,
+        prompt_tokens=counts[:, Part.PROMPT].to(logps.dtype) if has_prompt else None,
     )

@@ -1,0 +1,184 @@
+"""The transformers Trainer with our loss, validation and checkpoint safety, and the callbacks a run needs.
+
+`PreferenceTrainer.compute_loss` is the packed shared-prefix forward plus `losses.pair_losses`; its validation
+is `scoring.score_batches` (the same function), and best/, final/ and checkpoints are written to a staging
+folder and renamed, so a kill never leaves half of one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from transformers import Trainer, TrainerCallback
+from transformers.trainer import TRAINER_STATE_NAME
+from transformers.trainer_callback import ProgressCallback
+from transformers.trainer_utils import rotate_checkpoints
+from transformers.training_args import ParallelMode
+
+from vlm_orpo.config import LossConfig
+from vlm_orpo.errors import RunStopped
+from vlm_orpo.losses import pair_losses
+from vlm_orpo.modeling.shared_prefix import packed_logps
+from vlm_orpo.reporting import ACCURACY
+from vlm_orpo.run_dir import BEST
+from vlm_orpo.scoring import score_batches
+
+BEST_METRICS = {"loss": ("eval_loss", min), "accuracy": (f"eval_{ACCURACY}", max)}
+
+
+class PreferenceTrainer(Trainer):
+    """Trainer whose loss is a preference loss over the packed shared-prefix forward."""
+
+    def __init__(self, *args, loss_cfg: LossConfig, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.loss_cfg = loss_cfg
+        self.model_accepts_loss_kwargs = False  # our loss is a per-pair mean: let Trainer scale it for accumulation
+        self._train_metrics: dict[str, list[float]] = defaultdict(list)
+        self._pairs_since_log = 0
+        self._last_log_time = time.perf_counter()
+        self.evaluated_at_step: int | None = None
+
+    def train(self, *args, **kwargs):
+        self._last_log_time = time.perf_counter()  # pairs/s counts training, not model loading or the base eval
+        return super().train(*args, **kwargs)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        metrics = pair_losses(packed_logps(model, inputs), self.loss_cfg)
+        loss = metrics.pop("loss").mean()
+        if model.training:
+            for name, value in metrics.items():
+                self._train_metrics[name].append(value.mean().item())
+            self._pairs_since_log += int(inputs["segment_tokens"].shape[0])
+        return (loss, {"loss": loss}) if return_outputs else loss
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs and self._train_metrics:  # a training log: add the loss's metrics and throughput
+            local = {k: sum(v) / len(v) for k, v in self._train_metrics.items()}
+            if self.args.parallel_mode != ParallelMode.DISTRIBUTED:  # Trainer gathers loss only on GPU DDP
+                local["loss"] = logs["loss"]
+            logs.update(self._mean_over_processes(local))
+            now = time.perf_counter()
+            logs["pairs_per_s"] = self._pairs_since_log * self.args.world_size / max(now - self._last_log_time, 1e-9)
+            self._train_metrics.clear()
+            self._pairs_since_log, self._last_log_time = 0, now
+        super().log(logs, start_time)
+
+    def _mean_over_processes(self, values: dict[str, float]) -> dict[str, float]:
+        if self.args.world_size <= 1:
+            return values
+        keys = sorted(values)
+        mean = self.accelerator.reduce(torch.tensor([values[k] for k in keys], device=self.args.device), "mean")
+        return dict(zip(keys, mean.tolist()))
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
+        started = time.perf_counter()
+        dataloader = self.get_eval_dataloader(eval_dataset)
+        scores = score_batches(self.model, dataloader, self.loss_cfg, gather=self.accelerator.gather_for_metrics)
+        metrics = {f"{metric_key_prefix}_{k}": v for k, v in scores.means().items()}
+        self.log(metrics)
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+        self._keep_best(metrics)
+        self.evaluated_at_step = self.state.global_step
+        self._last_log_time += time.perf_counter() - started  # pairs/s counts training time only
+        return metrics
+
+    def _keep_best(self, metrics: dict[str, float]) -> None:
+        """Save the adapter to best/ when the chosen eval metric improves (survives resume via best.json)."""
+        key, better = BEST_METRICS[self.args.best_metric]
+        record = Path(self.args.output_dir) / BEST / "best.json"
+        previous = json.loads(record.read_text())["metrics"][key] if record.exists() else None
+        if previous is not None and better(previous, metrics[key]) == previous:
+            return
+        self.save_model_atomically(BEST, "best.json", {"step": self.state.global_step, "metrics": metrics})
+
+    def save_model_atomically(self, name: str, record_name: str, record: dict) -> Path:
+        """save_model into a staging folder with a JSON record, then rename it to output_dir/name."""
+        out = Path(self.args.output_dir)
+        staging = out / f".{name}.tmp"
+        self.save_model(str(staging))
+        if self.args.should_save:
+            (staging / record_name).write_text(json.dumps(record))
+            shutil.rmtree(out / name, ignore_errors=True)
+            os.replace(staging, out / name)
+        self.accelerator.wait_for_everyone()
+        return out / name
+
+    def _save_checkpoint(self, model, trial):
+        """Write the checkpoint into a staging folder, then rename it: a kill mid-save leaves no half checkpoint.
+
+        A private Trainer method: tests/test_train_e2e.py pins its behaviour (resume after SIGKILL, best model)."""
+        run_dir = self._get_output_dir(trial=trial)
+        staging = os.path.join(run_dir, ".staging")
+        self._get_output_dir = lambda trial=None: staging
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            del self._get_output_dir
+        self.accelerator.wait_for_everyone()
+        name = f"checkpoint-{self.state.global_step}"
+        best = self.state.best_model_checkpoint
+        if best is not None and Path(best).parent == Path(staging):  # Trainer saw the checkpoint in staging
+            self.state.best_model_checkpoint = os.path.join(run_dir, Path(best).name)
+        if self.args.should_save:
+            shutil.rmtree(os.path.join(run_dir, name), ignore_errors=True)
+            os.replace(os.path.join(staging, name), os.path.join(run_dir, name))
+            if best != self.state.best_model_checkpoint:
+                self.state.save_to_json(os.path.join(run_dir, name, TRAINER_STATE_NAME))
+            rotate_checkpoints(run_dir, self.args.save_total_limit, self.state.best_model_checkpoint, use_mtime=False)
+        self.accelerator.wait_for_everyone()
+
+
+class MetricsFile(TrainerCallback):
+    """Append every log record, with its step, to metrics.jsonl (main process only)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_world_process_zero and logs:
+            with self.path.open("a") as f:
+                f.write(json.dumps({"step": state.global_step, **logs}) + "\n")
+
+
+class FiniteGuard(TrainerCallback):
+    """Stop before an optimizer step that would write a non-finite gradient into the weights.
+
+    A NaN or inf loss makes NaN gradients, so checking the gradients catches both. The check runs once per
+    optimizer step, after gradients are reduced across processes, so every process stops at the same step."""
+
+    def __init__(self, model):
+        self.params = [p for p in model.parameters() if p.requires_grad]
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        grads = [p.grad for p in self.params if p.grad is not None]
+        if grads and not torch.stack([g.isfinite().all() for g in grads]).all():
+            raise RunStopped(
+                f"the loss or its gradients became NaN/inf at step {state.global_step + 1} (learning_rate "
+                f"{args.learning_rate:g} may be too high); no weights were updated with them: best/ and the "
+                "checkpoints keep the last good weights"
+            )
+
+
+class CompactProgress(ProgressCallback):
+    """The progress bar with the few numbers a person watches; every metric still goes to metrics.jsonl."""
+
+    SHOWN = {"loss": "loss", ACCURACY: "acc", "rewards/margins": "margin", "pairs_per_s": "pairs/s"}
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or self.training_bar is None or not logs:
+            return
+        if "eval_loss" in logs:
+            self.training_bar.write(
+                f"step {state.global_step}: eval loss {logs['eval_loss']:.4f}, "
+                f"accuracy {logs.get(f'eval_{ACCURACY}', float('nan')):.1%}"
+            )
+        elif any(key in logs for key in self.SHOWN):
+            self.training_bar.set_postfix(
+                {short: f"{logs[key]:.3g}" for key, short in self.SHOWN.items() if key in logs}, refresh=False
+            )
