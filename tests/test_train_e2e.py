@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -110,6 +111,16 @@ def test_resume_after_sigkill_matches_uninterrupted_run(asset_cache, tmp_path):
     steps = [r["step"] for r in records(killed) if "loss" in r and "train_runtime" not in r]
     assert steps == sorted(set(steps)) == list(range(1, 13)), "metrics.jsonl must hold each step once"
 
+    # Killed while final/ was written (it is staged, then renamed): resume gives the final/ it would have had,
+    # without training past max_steps.
+    expected = adapter(straight)
+    shutil.rmtree(straight / "final")
+    (straight / ".final.tmp").mkdir()
+    cli(*small_run_args(straight), "--resume", env=env)
+    assert largest_difference(adapter(straight), expected) < 0.05 * one_step
+    assert json.loads((straight / "final" / "run.json").read_text()) == {"step": 12}
+    assert not (straight / ".final.tmp").exists()
+
 
 def test_a_torn_last_metrics_line_is_dropped_but_a_torn_middle_is_an_error(tmp_path):
     from vlm_orpo.reporting import read_jsonl
@@ -185,3 +196,91 @@ def test_gradient_checkpointing_gives_the_same_training_curve(asset_cache, tmp_p
     assert len(runs["true"]) == 3
     for plain, checkpointed in zip(runs["false"], runs["true"]):
         assert abs(plain - checkpointed) <= 1e-4 * abs(plain)
+
+
+def train_in_process(capsys, *args):
+    from test_cli import main_in_process
+
+    return main_in_process(capsys, "train", "--config", QUICKSTART, *args)
+
+
+def test_an_output_dir_that_cannot_be_written_is_one_line_before_loading(tmp_path, capsys):
+    from test_cli import assert_one_line_error
+
+    (tmp_path / "file").write_text("")
+    for out, needle in ((tmp_path / "file", "is a file"), (tmp_path / "file" / "run", "is a file")):
+        result = train_in_process(capsys, f"training.output_dir={out}")
+        assert_one_line_error(result, f"output_dir {out}", needle)
+        assert "Loading weights" not in result.stderr + result.stdout  # refused before the model loads
+
+
+def test_a_second_run_into_a_locked_output_dir_is_refused(tmp_path, capsys):
+    from test_cli import assert_one_line_error
+    from vlm_orpo.run_dir import RunDir
+
+    holder = RunDir(tmp_path / "run")
+    holder.lock()  # as a running `vlm-orpo train` holds it
+    try:
+        result = train_in_process(capsys, f"training.output_dir={tmp_path / 'run'}")
+        assert_one_line_error(result, "is in use by another run", f"pid {os.getpid()}")
+    finally:
+        holder.unlock()
+    again = RunDir(tmp_path / "run")
+    again.lock()  # released with its holder (the kernel drops a killed process's lock the same way)
+    again.unlock()
+
+
+def test_resuming_a_finished_run_is_a_no_op(quickstart_run, capsys):
+    run, _ = quickstart_run
+    before = {p.name: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()}
+    result = train_in_process(capsys, f"training.output_dir={run}", "--resume")
+    assert result.returncode == 0 and "finished at step 64: nothing to resume" in result.stdout
+    assert {p.name: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()} == before
+
+
+def finite(tensors: dict[str, torch.Tensor]) -> bool:
+    return all(torch.isfinite(t).all() for t in tensors.values())
+
+
+def test_a_diverging_run_stops_at_the_step_and_keeps_only_finite_weights(asset_cache, tmp_path):
+    run = tmp_path / "run"
+    result = cli(*small_run_args(run, "training.learning_rate=1000", "training.save_steps=1"), check=False)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    [line] = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert "became NaN/inf at step" in line and "learning_rate 1000" in line
+    assert not (run / "final").exists()
+    checkpoints = list(run.glob("checkpoint-*"))
+    assert checkpoints and all(finite(adapter(run, c.name)) for c in checkpoints)
+    stopped_at = int(line.split("at step ")[1].split()[0])
+    assert max(int(c.name.split("-")[1]) for c in checkpoints) == stopped_at - 1
+
+
+def test_ctrl_c_stops_in_one_line_that_says_how_to_resume(asset_cache, tmp_path):
+    run = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "vlm_orpo.cli", *small_run_args(run)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 600
+    while not (run / "checkpoint-4").exists():
+        assert proc.poll() is None and time.time() < deadline, "the run ended before Ctrl-C"
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "Traceback" not in stderr, stderr[-3000:]
+    [line] = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert "stopped by Ctrl-C at step" in line and "checkpoint-" in line and "--resume" in line
+
+
+def test_a_full_disk_is_one_line_naming_the_directory_and_what_was_kept(asset_cache, tmp_path, capsys, monkeypatch):
+    import errno
+
+    from vlm_orpo.trainer import PreferenceTrainer
+
+    def full(self, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "run" / ".staging"))
+
+    monkeypatch.setattr(PreferenceTrainer, "_save_checkpoint", full)
+    result = train_in_process(capsys, *small_run_args(tmp_path / "run")[3:], "training.max_steps=4")
+    assert result.returncode == 1, result.stderr[-3000:]
+    [line] = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert f"no space left on the device of {tmp_path / 'run'} at step 4" in line
+    assert "kept: best/;" in line and "--resume" in line  # best/ of the step-0 evaluation; no checkpoint yet

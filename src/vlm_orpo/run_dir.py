@@ -11,6 +11,7 @@ import json
 import os
 from pathlib import Path
 
+from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import get_last_checkpoint, sort_checkpoints
 
 from vlm_orpo.errors import ConfigError, first_line
@@ -77,6 +78,17 @@ class RunDir:
         """The step at which a finished run wrote final/ (renamed into place whole), or None."""
         record = self.path / FINAL / "run.json"
         return json.loads(record.read_text())["step"] if record.is_file() else None
+
+    @staticmethod
+    def completed(checkpoint: Path) -> bool:
+        """Whether the checkpoint was saved at the run's last step (its trainer state says so)."""
+        state = json.loads((checkpoint / TRAINER_STATE_NAME).read_text())
+        return state["global_step"] >= state["max_steps"] > 0
+
+    def last_eval_step(self) -> int | None:
+        path = self.path / METRICS
+        steps = [r["step"] for r in read_jsonl(path) if "eval_loss" in r] if path.exists() else []
+        return steps[-1] if steps else None
 
     def truncate_metrics(self, last_step: int) -> None:
         """On resume, drop records the killed run wrote after its last checkpoint (they are recomputed)."""

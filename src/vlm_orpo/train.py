@@ -17,7 +17,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from transformers import set_seed
+from transformers import TrainerState, set_seed
+from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_callback import ProgressCallback
 
 from vlm_orpo.config import ConfigError, PreferenceTrainingArguments, RunConfig
@@ -147,7 +148,13 @@ def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False) -> Path
         with stopped_cleanly(trainer, run):
             if trainer.eval_dataset is not None and checkpoint is None:
                 trainer.evaluate()  # step 0: the adapter is still the identity, so this is the base model's row
-            trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+            if checkpoint is not None and run.completed(checkpoint):
+                # transformers 5.17 trains one step past max_steps when resumed from the last step's checkpoint
+                trainer.state = TrainerState.load_from_json(str(checkpoint / TRAINER_STATE_NAME))
+                trainer._load_from_checkpoint(str(checkpoint))
+                trainer.evaluated_at_step = run.last_eval_step()
+            else:
+                trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
             if trainer.eval_dataset is not None and trainer.evaluated_at_step != trainer.state.global_step:
                 trainer.evaluate()  # Trainer evaluates at the last step itself when eval_strategy is steps
             trainer.save_model_atomically(FINAL, "run.json", {"step": trainer.state.global_step})
@@ -163,14 +170,18 @@ def stopped_cleanly(trainer: PreferenceTrainer, run: RunDir):
     """Ctrl-C and a full disk end the run with one line that says what was kept and how to go on."""
     try:
         yield
-    except KeyboardInterrupt:
-        raise RunStopped(f"stopped by Ctrl-C at step {trainer.state.global_step}; {_kept(run)}; continue with the "
-                         "same command and --resume", exit_code=130) from None
-    except (OSError, RuntimeError) as exc:
-        if isinstance(exc, RunStopped) or not _disk_full(exc, run.path):
-            raise
-        raise RunStopped(f"no space left on the device of {run.path} at step {trainer.state.global_step} "
-                         f"({first_line(exc)[:120]}); {_kept(run)}; free space and run again with --resume") from None
+    except BaseException as exc:
+        for callback in trainer.callback_handler.callbacks:  # so the error line starts a line of its own
+            if isinstance(callback, ProgressCallback) and callback.training_bar is not None:
+                callback.training_bar.close()
+        step = trainer.state.global_step
+        if isinstance(exc, KeyboardInterrupt):
+            raise RunStopped(f"stopped by Ctrl-C at step {step}; {_kept(run)}; continue with the same command and "
+                             "--resume", exit_code=130) from None
+        if isinstance(exc, (OSError, RuntimeError)) and not isinstance(exc, RunStopped) and _disk_full(exc, run.path):
+            raise RunStopped(f"no space left on the device of {run.path} at step {step} ({first_line(exc)[:120]}); "
+                             f"{_kept(run)}; free space and run again with --resume") from None
+        raise
 
 
 def _kept(run: RunDir) -> str:
