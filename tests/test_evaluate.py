@@ -172,3 +172,20 @@ def test_bad_rows_are_reported_row_by_row_without_traceback(asset_cache, tmp_pat
     assert "row 1" in log and "empty chosen" in log
     assert "row 2" in log and "chosen identical to rejected" in log
     assert "kept train 1; skipped 3" in result.stdout
+
+
+def test_evaluate_honours_sft_on_prompt_from_the_config(asset_cache, tmp_path, capsys):
+    """The collator scores the prompt's text exactly when loss.sft_on_prompt is set, and the loss reads it from
+    the batch (this used to end in a ValueError traceback)."""
+    from test_cli import main_in_process
+
+    rows = {}
+    for flag in ("false", "true"):
+        result = main_in_process(capsys, "evaluate", "--config", QUICKSTART, f"loss.sft_on_prompt={flag}",
+                                 "--limit", "4", "--out", str(tmp_path / flag))
+        assert result.returncode == 0, result.stderr[-3000:]
+        rows[flag] = json.loads((tmp_path / flag / "results.json").read_text())["rows"]["base"]
+    off, on = rows["false"], rows["true"]
+    assert on["logps/chosen"] == off["logps/chosen"] and on["or_loss"] == off["or_loss"]
+    assert on["nll_loss"] != off["nll_loss"] and on["loss"] - off["loss"] == pytest.approx(
+        on["nll_loss"] - off["nll_loss"], abs=1e-6)
