@@ -1,6 +1,9 @@
 """`vlm-orpo serve`: the vLLM command it builds, how it stops, and end to end on the bundled tiny model:
 train (short) -> merge -> a real vLLM CPU server whose greedy answer to a chat with a base64 image equals
-transformers' -> quantize (W4A16) -> served too.
+transformers', and which refuses requests without its key, remote media and oversized images and bodies ->
+quantize (W4A16) -> served too, where this CPU's vLLM build has the kernel, else refused up front.
+
+One server of the merged model is shared by every test that can use it: each start costs 30-110 s.
 
 The end-to-end serving tests need vLLM: this env's, or .venv-serve made by `bash scripts/setup_serve_env.sh`.
 Without either they skip, unless VLM_ORPO_REQUIRE_SERVE is set (CI sets it after running the script).
@@ -14,6 +17,7 @@ import importlib.util
 import io
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -27,8 +31,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from vlm_orpo import serve
+from vlm_orpo import serve, serve_guard
 from vlm_orpo.config import ConfigError
+from vlm_orpo.data.sources import MAX_IMAGE_PIXELS
 from vlm_orpo.serve import VllmRuntime, build_command
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -62,6 +67,7 @@ def model_dir(path: Path, model_type: str = "llava_next", quantization: dict | N
 
 
 def command(tmp_path, *argv, runtime=CPU):
+    (tmp_path / "run-tmp").mkdir(exist_ok=True)  # as run_serve makes it
     return build_command(parse(*argv), runtime, str(tmp_path / "run-tmp"))
 
 
@@ -80,6 +86,14 @@ def test_cpu_defaults_are_local_safe_and_explicit(tmp_path, monkeypatch):
     assert env["VLLM_CPU_KVCACHE_SPACE"] == "1" and env["VLLM_CACHE_ROOT"] == str(tmp_path / "cache")
     assert env["TMPDIR"] == env["VLLM_RPC_BASE_PATH"] == str(tmp_path / "run-tmp")
     assert "VLLM_API_KEY" not in env and env["VLLM_NO_USAGE_STATS"] == "1"
+    # the guard: a copy vLLM's environment imports, no remote media, vLLM's pixel cap at ours, a body cap
+    assert cmd[cmd.index("--middleware") + 1] == "vlm_orpo_serve_guard.ServeGuard"
+    assert (tmp_path / "run-tmp" / "vlm_orpo_serve_guard.py").read_text() == Path(serve_guard.__file__).read_text()
+    assert env["PYTHONPATH"].split(os.pathsep)[0] == str(tmp_path / "run-tmp")
+    assert "--allowed-media-domains" not in cmd and env[serve_guard.DOMAINS_ENV] == ""
+    assert env["VLLM_MEDIA_URL_ALLOW_REDIRECTS"] == "0"
+    assert env["VLLM_MAX_IMAGE_PIXELS"] == str(MAX_IMAGE_PIXELS)
+    assert env[serve_guard.MAX_BYTES_ENV] == str(serve.MAX_REQUEST_BYTES)
 
 
 def test_gpu_options_and_pass_through(tmp_path):
@@ -92,6 +106,44 @@ def test_gpu_options_and_pass_through(tmp_path):
     assert cmd[cmd.index("--host") + 1] == "0.0.0.0" and cmd[cmd.index("--max-model-len") + 1] == "2048"
 
 
+def test_media_domains_and_size_caps(tmp_path):
+    model = str(model_dir(tmp_path / "merged"))
+    cmd, env = command(tmp_path, "--model", model, "--allow-media-domain", "Images.Example.com",
+                       "--allow-media-domain", "8.8.8.8", "--max-image-pixels", "1000", "--max-request-bytes", "5000")
+    assert cmd[cmd.index("--allowed-media-domains") + 1:][:2] == ["images.example.com", "8.8.8.8"]
+    assert env[serve_guard.DOMAINS_ENV] == "images.example.com,8.8.8.8"
+    assert env["VLLM_MAX_IMAGE_PIXELS"] == "1000" and env[serve_guard.MAX_BYTES_ENV] == "5000"
+    for domain in ("127.0.0.1", "localhost", "10.1.2.3", "192.168.0.7", "169.254.169.254", "::1"):
+        with pytest.raises(ConfigError, match="not a public address|host name") as error:
+            command(tmp_path, "--model", model, "--allow-media-domain", domain)
+        assert "\n" not in str(error.value)
+    for not_a_host in ("https://images.example.com", "images.example.com:8080", "a.com/x", "me@a.com", ""):
+        with pytest.raises(ConfigError, match="takes a host name"):
+            command(tmp_path, "--model", model, "--allow-media-domain", not_a_host)
+    with pytest.raises(SystemExit):
+        parse("--model", model, "--max-request-bytes", "0")
+
+
+def test_the_guard_refuses_media_urls_that_are_not_data_or_allowed():
+    data = "data:image/png;base64,iVBOR"
+    refusal = serve_guard.media_refusal
+    chat = {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": data}},
+                                                      {"type": "text", "text": "see http://127.0.0.1/x.png"}]}]}
+    assert refusal(json.dumps(chat).encode(), set()) is None  # URLs in text are text
+    for url in ("http://127.0.0.1:8999/x.png", "HTTPS://images.example.com.evil.net/x", "file:///etc/passwd",
+                "ftp://images.example.com/x", "http://[::1"):
+        chat["messages"][0]["content"][0] = {"type": "image_url", "image_url": {"url": url}}
+        assert url in refusal(json.dumps(chat).encode(), {"images.example.com"})
+        chat["messages"][0]["content"][0] = {"type": "video_url", "video_url": url}  # the string form
+        assert url in refusal(json.dumps(chat).encode(), {"images.example.com"})
+    assert "not at all" in refusal(json.dumps({"tools": [{"server_url": "http://10.0.0.1/mcp"}]}).encode(), set())
+    assert refusal('{"url": "https://IMAGES.example.com/a.png"}'.encode("utf-16"), {"images.example.com"}) is None
+    assert "fetched only from images.example.com" in refusal('{"url": "http://10.0.0.1/"}'.encode("utf-16"),
+                                                              {"images.example.com"})  # json.loads reads UTF-16
+    assert refusal(b"not json", set()) is None and refusal(b"", set()) is None
+    assert refusal(b"[" * 100000 + b"]" * 100000, set()) == "JSON nested too deeply"
+
+
 def test_quantized_checkpoints_get_the_cpu_dtype_or_an_explanation(tmp_path):
     w4 = model_dir(tmp_path / "w4", quantization=W4A16)
     cmd, _ = command(tmp_path, "--model", str(w4))
@@ -100,7 +152,8 @@ def test_quantized_checkpoints_get_the_cpu_dtype_or_an_explanation(tmp_path):
         command(tmp_path, "--model", str(w4), "--dtype", "float32")
     with pytest.raises(ConfigError, match="needs vLLM's cpu_gemm_wna16 kernel, which vllm-cpu 0.32.0 lacks"):
         command(tmp_path, "--model", str(w4), runtime=AVX2)  # vLLM would start, then answer HTTP 500
-    assert command(tmp_path, "--model", str(w4), runtime=GPU)[0][cmd.index("--dtype") + 1] == "auto"
+    cmd, _ = command(tmp_path, "--model", str(w4), runtime=GPU)  # a GPU build needs no CPU kernel
+    assert cmd[cmd.index("--dtype") + 1] == "auto"
     w8 = model_dir(tmp_path / "w8", quantization=W8A16)
     with pytest.raises(ConfigError, match="W8A16 has no CPU kernel"):
         command(tmp_path, "--model", str(w8))
@@ -163,7 +216,6 @@ def test_transformers5_layout_is_refused_and_bos_is_added_to_the_served_template
     with pytest.raises(ConfigError, match="vLLM refuses"):
         command(tmp_path, "--model", asset_cache["tiny_model"])
     base = vllm_layout_copy(asset_cache["tiny_model"], tmp_path / "base")
-    (tmp_path / "run-tmp").mkdir()
     cmd, _ = command(tmp_path, "--model", str(base))
     template = Path(cmd[cmd.index("--chat-template") + 1])
     assert template.parent == tmp_path / "run-tmp" and template.read_text().startswith("{{- bos_token -}}")
@@ -332,7 +384,8 @@ class Server:
 
     def __init__(self, model: Path, workdir: Path, *argv: str, api_key: str | None = None):
         self.port, self.api_key = free_port(), api_key
-        self.url = f"http://127.0.0.1:{self.port}/v1"
+        self.root = f"http://127.0.0.1:{self.port}"
+        self.url = self.root + "/v1"
         self.tmp = Path(tempfile.mkdtemp(prefix="vo-"))  # short: vLLM's IPC socket paths live here
         self.log_path = workdir / f"serve-{self.port}.log"
         env = {k: v for k, v in os.environ.items() if k != "VLLM_API_KEY"}
@@ -352,6 +405,22 @@ class Server:
         data = json.dumps(body).encode() if body is not None else None
         with urllib.request.urlopen(urllib.request.Request(self.url + path, data, headers), timeout=timeout) as r:
             return json.load(r)
+
+    def call(self, method: str, path: str, body: dict | None = None, api_key: str | None = None):
+        """(status, JSON reply or text) of `method path` from the server's root; api_key="" sends no key."""
+        key = api_key if api_key is not None else self.api_key
+        headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
+        data = json.dumps(body).encode() if body is not None else None
+        try:
+            with urllib.request.urlopen(urllib.request.Request(self.root + path, data, headers, method=method),
+                                        timeout=120) as r:
+                status, text = r.status, r.read().decode()
+        except urllib.error.HTTPError as error:
+            status, text = error.code, error.read().decode()
+        try:
+            return status, json.loads(text)
+        except ValueError:
+            return status, text
 
     def wait_ready(self) -> float:
         start = time.monotonic()
@@ -413,24 +482,6 @@ def assert_same_answer(reply: dict, greedy: dict) -> None:
     assert choice["token_ids"] == greedy["ids"], (choice["message"]["content"], greedy["text"])
     assert choice["message"]["content"] == greedy["text"]
     assert [t["logprob"] for t in choice["logprobs"]["content"]] == pytest.approx(greedy["logprobs"], abs=1e-3)
-
-
-@pytest.mark.slow
-def test_vllm_serves_the_merged_model_like_transformers(serve_python, trained_merged, sample, greedy, tmp_path):
-    server = Server(trained_merged[1], tmp_path, "--dtype", "float32", api_key="test-key")
-    try:
-        print(f"vLLM ready in {server.wait_ready():.0f} s")
-        assert [m["id"] for m in server.request("/models")["data"]] == ["tiny-orpo"]
-        with pytest.raises(urllib.error.HTTPError, match="401"):
-            server.request("/models", api_key="wrong")
-        for attempt in ("first", "second"):
-            start = time.monotonic()
-            reply = server.request("/chat/completions", chat_body("tiny-orpo", sample))
-            print(f"{attempt} chat request: {time.monotonic() - start:.2f} s")
-        server.stop()
-    finally:
-        server.kill()
-    assert_same_answer(reply, greedy)
 
 
 @pytest.mark.slow
@@ -507,3 +558,135 @@ def test_a_taken_port_is_one_line_before_vllm_loads(tmp_path):
     check_port_free("127.0.0.1", port)  # free again
     with pytest.raises(ConfigError, match="1..65535"):
         check_port_free("127.0.0.1", 70000)
+
+
+# --------------------------------------------------------------------------- one shared server of the merged model
+
+BODY_CAP = 1_000_000  # --max-request-bytes of the shared server; the sample's chat is about 100 KB
+
+
+@pytest.fixture(scope="module")
+def merged_server(serve_python, trained_merged, tmp_path_factory):
+    """The merged model served with a key and a body cap, for every test below. At the end of the module SIGTERM
+    stops it, and the stop must be clean: exit 0, no vLLM process and no temp file left."""
+    server = Server(trained_merged[1], tmp_path_factory.mktemp("served"), "--dtype", "float32",
+                    "--max-request-bytes", str(BODY_CAP), api_key="test-key")
+    try:
+        print(f"vLLM ready in {server.wait_ready():.0f} s")
+        yield server
+        server.stop()
+    finally:
+        server.kill()
+
+
+@pytest.mark.slow
+def test_vllm_serves_the_merged_model_like_transformers(merged_server, sample, greedy):
+    server = merged_server
+    assert [m["id"] for m in server.request("/models")["data"]] == ["tiny-orpo"]
+    with pytest.raises(urllib.error.HTTPError, match="401"):
+        server.request("/models", api_key="wrong")
+    for attempt in ("first", "second"):
+        start = time.monotonic()
+        reply = server.request("/chat/completions", chat_body("tiny-orpo", sample))
+        print(f"{attempt} chat request: {time.monotonic() - start:.2f} s")
+    assert_same_answer(reply, greedy)
+
+
+@pytest.mark.slow
+def test_the_key_guards_every_route_but_health(merged_server, sample):
+    """vLLM's own --api-key guards /v1/* only; /invocations would answer a chat without it."""
+    server = merged_server
+    status, schema = server.call("GET", "/openapi.json")
+    assert status == 200
+    routes = {(method.upper(), re.sub(r"{[^}]+}", "x", path)) for path, ops in schema["paths"].items() for method in ops}
+    assert {("POST", "/invocations"), ("POST", "/tokenize"), ("GET", "/version"), ("GET", "/ping")} <= routes
+    routes |= {("GET", path) for path in ("/metrics", "/openapi.json", "/docs", "/redoc", "/no-such-route")}
+    print(f"{len(routes)} routes")
+    for method, path in sorted(routes - {("GET", "/health")}):
+        for key in ("", "wrong"):
+            status, reply = server.call(method, path, api_key=key)
+            assert status == 401, (method, path, key, status, reply)
+    assert server.call("GET", "/health", api_key="")[0] == 200
+    chat = chat_body("tiny-orpo", sample, max_tokens=2)
+    for method, path, body in [("GET", "/v1/models", None), ("GET", "/version", None), ("GET", "/metrics", None),
+                               ("GET", "/ping", None), ("POST", "/tokenize", {"model": "tiny-orpo", "prompt": "a cat"}),
+                               ("POST", "/detokenize", {"model": "tiny-orpo", "tokens": [1, 264]}),
+                               ("POST", "/invocations", chat), ("POST", "/v1/chat/completions", chat)]:
+        status, reply = server.call(method, path, body)
+        assert status == 200, (method, path, status, reply)
+
+
+def error_message(reply) -> str:
+    return reply["error"]["message"] if isinstance(reply, dict) else reply
+
+
+@pytest.mark.slow
+def test_remote_media_is_refused_unfetched(merged_server, sample):
+    """Without --allow-media-domain only base64 data URLs are served: a loopback listener is never asked."""
+    import http.server
+    import threading
+
+    hits = []
+
+    class Listener(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            hits.append(self.path)
+            self.send_response(200)
+            self.send_header("Content-Type", "image/png")
+            self.end_headers()
+            self.wfile.write(sample[0])
+
+        def log_message(self, *args):
+            pass
+
+    listener = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Listener)
+    threading.Thread(target=listener.serve_forever, daemon=True).start()
+    port = listener.server_address[1]
+    try:
+        for url in (f"http://127.0.0.1:{port}/a.png", f"http://localhost:{port}/b.png", "file:///etc/hostname"):
+            for path, part in (("/v1/chat/completions", {"type": "image_url", "image_url": {"url": url}}),
+                               ("/invocations", {"type": "image_url", "image_url": url})):
+                body = chat_body("tiny-orpo", sample, max_tokens=2)
+                body["messages"][0]["content"][0] = part
+                status, reply = merged_server.call("POST", path, body)
+                assert status == 400 and "URLs are fetched not at all" in error_message(reply), (path, url, reply)
+        assert hits == []
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/probe", timeout=10).read()
+        assert hits == ["/probe"]  # the listener would have seen a fetch
+    finally:
+        listener.shutdown()
+
+
+@pytest.mark.slow
+def test_oversized_images_and_bodies_are_refused(merged_server, sample):
+    import http.client
+
+    from PIL import Image
+
+    server = merged_server
+    buffer = io.BytesIO()
+    Image.new("1", (12000, 12000)).save(buffer, "PNG")  # 18 KB of PNG, 144 megapixels: 430 MB decoded as RGB
+    body = chat_body("tiny-orpo", sample, max_tokens=2)
+    body["messages"][0]["content"][0]["image_url"]["url"] = "data:image/png;base64," + base64.b64encode(
+        buffer.getvalue()).decode()
+    status, reply = server.call("POST", "/v1/chat/completions", body)
+    print(f"{status}: {error_message(reply)}")
+    assert status == 400 and f"exceed the maximum of {MAX_IMAGE_PIXELS} pixels" in error_message(reply)
+
+    auth = {"Authorization": "Bearer test-key", "Content-Type": "application/json"}
+    connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
+    connection.putrequest("POST", "/v1/chat/completions")
+    for name, value in {**auth, "Content-Length": str(BODY_CAP + 1)}.items():
+        connection.putheader(name, value)
+    connection.endheaders()  # and no body: refused on its Content-Length alone
+    response = connection.getresponse()
+    assert response.status == 413 and str(BODY_CAP) in error_message(json.load(response))
+    connection.close()
+
+    chunk = b" " * 65536
+    connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
+    connection.request("POST", "/v1/chat/completions", body=iter([chunk] * (BODY_CAP // len(chunk) + 1)),
+                       headers=auth, encode_chunked=True)  # no Content-Length: counted as it comes
+    assert connection.getresponse().status == 413
+    connection.close()
+    assert server.request("/models")["data"]  # and the server goes on

