@@ -121,11 +121,14 @@ def test_a_count_below_one_is_a_usage_error():
     assert "argument --batch-size: must be at least 1, got 0" in result.stderr
 
 
-def test_the_orpo_knobs_under_training_still_work_with_one_deprecation_line(asset_cache):
-    result = cli("train", "--config", str(ROOT / "configs" / "quickstart.yaml"), "training.orpo_lambda=7", "--dry-run")
+def test_the_orpo_knobs_under_training_still_work_with_one_deprecation_line(asset_cache, tmp_path):
+    old = (ROOT / "configs" / "quickstart.yaml").read_text().replace("loss:\n  type: orpo\n  orpo_lambda: 1.0\n", "")
+    (tmp_path / "old.yaml").write_text(old.replace("training:\n", "training:\n  orpo_lambda: 7\n  sft_on_prompt: true\n"))
+    result = cli("train", "--config", str(tmp_path / "old.yaml"), "--dry-run")
     assert result.returncode == 0, result.stderr[-2000:]
     assert "ORPO lambda 7" in result.stdout
     assert result.stderr.count("training.orpo_lambda is deprecated: it moved to loss.orpo_lambda") == 1
+    assert result.stderr.count("training.sft_on_prompt is deprecated: it moved to loss.sft_on_prompt") == 1
 
 
 def test_a_config_directory_is_one_line_error(tmp_path, capsys):

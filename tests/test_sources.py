@@ -12,15 +12,9 @@ from PIL import Image
 
 from vlm_orpo.config import DataConfig
 from vlm_orpo.data.packing import PairDataset, PairEncoder, load_pairs
-from vlm_orpo.data.sources import (
-    RLAIF_V_COLUMNS,
-    BadRow,
-    CanonicalRows,
-    DataError,
-    canonical_row,
-    open_image,
-    prepare_data,
-)
+from vlm_orpo.data.sources import RLAIF_V_COLUMNS, CanonicalRows, canonical_row, prepare_data
+from vlm_orpo.errors import BadRow, DataError
+from vlm_orpo.images import open_image
 
 
 def png(color=(200, 30, 30), size=(128, 96), mode="RGB") -> bytes:

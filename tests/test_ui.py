@@ -211,7 +211,8 @@ def test_history_becomes_openai_messages(red_png):
 
 def test_judgments_are_training_data(tmp_path, red_png):
     """Rows appended by the UI load through `prepare_data`, the loader `train` uses, images and all."""
-    from vlm_orpo.data.sources import open_image, prepare_data
+    from vlm_orpo.data.sources import prepare_data
+    from vlm_orpo.images import open_image
 
     log = ui.JudgmentLog(tmp_path / "runs" / "judgments.jsonl")
     image = Image.open(red_png).convert("RGB")
@@ -364,7 +365,8 @@ def test_chat_in_the_browser(browser, endpoints, red_png):
 
 def test_compare_and_judge_in_the_browser(browser, endpoints, red_png, tmp_path, monkeypatch):
     """Ask both endpoints, pick one, then edit an answer and pick it: two rows `train` can read."""
-    from vlm_orpo.data.sources import open_image, prepare_data
+    from vlm_orpo.data.sources import prepare_data
+    from vlm_orpo.images import open_image
 
     base, tuned = endpoints
     monkeypatch.chdir(tmp_path)

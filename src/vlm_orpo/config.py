@@ -22,10 +22,11 @@ from typing import Any
 import yaml
 from transformers import TrainingArguments
 
-from vlm_orpo.data.sources import MAX_IMAGE_PIXELS
 from vlm_orpo.errors import ConfigError, first_line
+from vlm_orpo.images import MAX_IMAGE_PIXELS
 
-BUNDLED = "bundled"
+BUNDLED = "bundled"  # the tiny model and synthetic data that `vlm-orpo assets` builds offline
+DTYPES = ("auto", "float32", "bfloat16", "float16")  # auto: bfloat16/float16 on CUDA, float32 elsewhere
 log = logging.getLogger(__name__)
 
 
@@ -85,7 +86,7 @@ class ModelConfig:
     trust_remote_code: bool = False
 
     def __post_init__(self):
-        _check(self.dtype in ("auto", "float32", "bfloat16", "float16"), f"model.dtype {self.dtype!r} is not valid")
+        _check(self.dtype in DTYPES, f"model.dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         _check(self.attn_backend in ("auto", "sdpa", "flex"), f"model.attn_backend {self.attn_backend!r} is not valid")
         _check(self.compile_layers in (True, False, "auto"), "model.compile_layers must be true, false or auto")
 

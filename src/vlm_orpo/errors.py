@@ -11,6 +11,15 @@ class DataError(ValueError):
     """A problem with the data source as a whole (wrong path, missing column, no rows)."""
 
 
+class BadRow(ValueError):
+    """A problem with one row; the row is skipped and counted under `reason`."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+        self.detail = detail
+
+
 def first_line(exc: BaseException, with_type: bool = True) -> str:
     """`Type: first line of the message`, safe for exceptions whose message is empty."""
     lines = str(exc).strip().splitlines()

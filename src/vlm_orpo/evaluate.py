@@ -6,10 +6,8 @@ the same packed forward and loss as training.
 
 from __future__ import annotations
 
-import base64
 import csv
 import html
-import io
 import json
 import logging
 from pathlib import Path
@@ -17,10 +15,10 @@ from pathlib import Path
 import torch
 
 from vlm_orpo.config import ConfigError, load_config
-from vlm_orpo.errors import first_line
+from vlm_orpo.errors import BadRow, first_line
+from vlm_orpo.images import open_image, png_data_url
 from vlm_orpo.data.packing import PackedCollator, PairEncoder, load_pairs
-from vlm_orpo.data.sources import BadRow, open_image
-from vlm_orpo.modeling.load import load_base_model, load_processor
+from vlm_orpo.modeling.load import adapter_config, load_base_model, load_processor
 from vlm_orpo.modeling.shared_prefix import set_attention_backend
 from vlm_orpo.reporting import COLUMNS, plot_comparison, results_table
 from vlm_orpo.scoring import score_batches
@@ -36,15 +34,6 @@ PER_PAIR_FIELDS = {
 }
 
 
-def check_adapter(path: str) -> Path:
-    p = Path(path).expanduser()
-    if not p.is_dir():
-        raise ConfigError(f"adapter not found: {path}")
-    if not (p / "adapter_config.json").exists():
-        raise ConfigError(f"not a PEFT adapter directory (no adapter_config.json): {path}")
-    return p
-
-
 def model_variants(base, adapters: list[str]):
     """Yield (name, model): the base first, then each adapter swapped in on the same base weights."""
     yield "base", base
@@ -57,9 +46,9 @@ def model_variants(base, adapters: list[str]):
         name = f"a{i}"
         try:
             if model is None:
-                model = PeftModel.from_pretrained(base, str(check_adapter(adapter)), adapter_name=name)
+                model = PeftModel.from_pretrained(base, str(Path(adapter).expanduser()), adapter_name=name)
             else:
-                model.load_adapter(str(check_adapter(adapter)), adapter_name=name)
+                model.load_adapter(str(Path(adapter).expanduser()), adapter_name=name)
                 model.set_adapter(name)
                 model.delete_adapter(f"a{i - 1}")
         except ConfigError:
@@ -96,7 +85,7 @@ def run_evaluate(args) -> dict:
         cfg.loss.orpo_lambda = args.orpo_lambda
     orpo_lambda = cfg.loss.orpo_lambda
     for adapter in args.adapters:
-        check_adapter(adapter)  # fail before the long part
+        adapter_config(adapter)  # fail before the long part
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -225,12 +214,6 @@ def pope_scores(model, encoder: PairEncoder, rows: list[dict]) -> dict[str, floa
     }
 
 
-def _image_data_url(value) -> str:
-    buffer = io.BytesIO()
-    open_image(value).save(buffer, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
-
-
 def write_generations(path: Path, dataset, generations: dict[str, list[str]]) -> dict[str, float]:
     """Side-by-side HTML; on the synthetic set (task/target columns) also a task-level hallucination rate."""
     from vlm_orpo.assets.synthetic import score_answer
@@ -256,7 +239,7 @@ def write_generations(path: Path, dataset, generations: dict[str, list[str]]) ->
         scored += bool(truth[0])
         question = row["question"] if isinstance(row["question"], str) else json.dumps(row["question"])
         cells.append(
-            f"<tr><td><img src='{_image_data_url(row['image'])}' width='160'></td>"
+            f"<tr><td><img src='{png_data_url(open_image(row['image']))}' width='160'></td>"
             f"<td>{html.escape(question)}<br><small>chosen: {html.escape(row['chosen'])}<br>"
             f"rejected: {html.escape(row['rejected'])}</small></td>{''.join(answers)}</tr>"
         )

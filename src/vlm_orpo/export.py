@@ -14,7 +14,7 @@ import logging
 import re
 from pathlib import Path
 
-from vlm_orpo.config import ConfigError, ModelConfig
+from vlm_orpo.config import DTYPES, ConfigError, ModelConfig
 from vlm_orpo.errors import first_line
 
 log = logging.getLogger(__name__)
@@ -34,7 +34,7 @@ def add_merge_arguments(parser) -> None:
     parser.add_argument("--adapter", required=True, help="PEFT LoRA adapter directory (e.g. runs/x/best)")
     parser.add_argument("--out", required=True, help="output directory for the merged model")
     parser.add_argument(
-        "--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+        "--dtype", default="auto", choices=DTYPES,
         help="dtype of the saved weights (default: the base checkpoint's)",
     )
     parser.add_argument("--revision", help="base model revision on the hub")
@@ -52,12 +52,11 @@ def run_merge(args) -> None:
 
 def adapter_base(adapter: str | Path) -> str:
     """The base model recorded in the adapter's config by PEFT."""
-    config = Path(adapter) / "adapter_config.json"
-    if not config.is_file():
-        raise ConfigError(f"not a PEFT adapter directory (no adapter_config.json): {adapter}")
-    base = json.loads(config.read_text()).get("base_model_name_or_path")
+    from vlm_orpo.modeling.load import adapter_config
+
+    base = adapter_config(adapter).get("base_model_name_or_path")
     if not base:
-        raise ConfigError(f"{config} names no base model; pass --model")
+        raise ConfigError(f"{Path(adapter) / 'adapter_config.json'} names no base model; pass --model")
     return base
 
 

@@ -111,7 +111,8 @@ def calibration_samples(processor, data: str, split: str, n: int, seed: int, max
     import torch
 
     from vlm_orpo.data.packing import PairEncoder
-    from vlm_orpo.data.sources import SkipReport, load_source, open_image, resolve_columns, select_rows
+    from vlm_orpo.data.sources import SkipReport, load_source, resolve_columns, select_rows
+    from vlm_orpo.images import open_image
 
     dataset, base_dir = load_source(data, split)
     rng = random.Random(seed)

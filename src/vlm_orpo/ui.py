@@ -15,7 +15,6 @@ import argparse
 import base64
 import hashlib
 import hmac
-import io
 import json
 import logging
 import os
@@ -28,6 +27,9 @@ from pathlib import Path
 from typing import Iterator
 
 from vlm_orpo.config import ConfigError, positive_int
+from vlm_orpo.data.sources import RLAIF_V_COLUMNS
+from vlm_orpo.errors import BadRow
+from vlm_orpo.images import open_image, png_bytes, png_data_url
 from vlm_orpo.sidecar import check_port_free, is_loopback
 
 log = logging.getLogger(__name__)
@@ -63,8 +65,6 @@ class ImageRejected(ValueError):
 
 def load_image(value, max_bytes: int):
     """A PIL image from an uploaded file's path or a `data:image/...;base64,` URL; remote URLs are refused."""
-    from PIL import Image, UnidentifiedImageError
-
     if isinstance(value, dict):  # Gradio's FileData / message file part
         value = value.get("path") or value.get("url")
     text = str(value or "").strip()
@@ -86,22 +86,9 @@ def load_image(value, max_bytes: int):
     if len(raw) > max_bytes:
         raise ImageRejected(f"image is larger than {max_bytes // 2**20} MB")
     try:
-        image = Image.open(io.BytesIO(raw))
-        image.load()
-    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as exc:
-        raise ImageRejected(f"not a readable image ({type(exc).__name__})") from None
-    return image.convert("RGB")
-
-
-def png_bytes(image) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-def to_data_url(image) -> str:
-    """The image as the endpoint receives it: always inline PNG, so the server never fetches anything."""
-    return "data:image/png;base64," + base64.b64encode(png_bytes(image)).decode()
+        return open_image(raw)
+    except BadRow as exc:
+        raise ImageRejected(f"not a readable image ({exc})") from None
 
 
 def split_data_urls(text: str) -> tuple[str, list[str]]:
@@ -152,7 +139,7 @@ class Endpoint:
 
 def user_message(text: str, images: list) -> dict:
     """An OpenAI chat message with the images inline (as data URLs) before the text."""
-    parts = [{"type": "image_url", "image_url": {"url": to_data_url(image)}} for image in images]
+    parts = [{"type": "image_url", "image_url": {"url": png_data_url(image)}} for image in images]
     return {"role": "user", "content": [*parts, {"type": "text", "text": text}]}
 
 
@@ -196,14 +183,8 @@ class JudgmentLog:
     def append(self, image, question: str, chosen: str, rejected: str, **extra) -> dict:
         data = png_bytes(image)
         name = hashlib.sha256(data).hexdigest()[:20] + ".png"
-        row = {
-            "idx": uuid.uuid4().hex,
-            "image": f"{self.image_dir.name}/{name}",
-            "question": question,
-            "chosen": chosen,
-            "rejected": rejected,
-            **extra,
-        }
+        fields = {"image": f"{self.image_dir.name}/{name}", "question": question, "chosen": chosen, "rejected": rejected}
+        row = {"idx": uuid.uuid4().hex, **{RLAIF_V_COLUMNS[k]: v for k, v in fields.items()}, **extra}
         with self._lock:
             self.image_dir.mkdir(parents=True, exist_ok=True)
             if not (self.image_dir / name).exists():

@@ -15,7 +15,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from vlm_orpo.data.sources import BadRow, open_image
+from vlm_orpo.errors import BadRow
+from vlm_orpo.images import open_image
 
 
 

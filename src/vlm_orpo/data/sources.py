@@ -7,7 +7,6 @@ reason and reported row by row, never silently dropped.
 
 from __future__ import annotations
 
-import io
 import logging
 import os
 from collections import Counter
@@ -17,60 +16,17 @@ from typing import Any, Callable
 
 import datasets
 import numpy as np
-from PIL import Image, UnidentifiedImageError
 
-from vlm_orpo.errors import DataError, first_line
+from vlm_orpo.config import BUNDLED
+from vlm_orpo.errors import BadRow, DataError
+from vlm_orpo.images import MAX_IMAGE_PIXELS, open_image
 
 log = logging.getLogger(__name__)
 
-BUNDLED = "bundled"
 CANONICAL = ("image", "question", "chosen", "rejected")
 RLAIF_V_COLUMNS = {"image": "image", "question": "question", "chosen": "chosen", "rejected": "rejected"}
 TRL_COLUMNS = {"image": "images", "question": "prompt", "chosen": "chosen", "rejected": "rejected"}
-# Images over this many pixels are refused (data rows skipped, served requests rejected): a 12000x12000 PNG of
-# a few hundred KB decodes to 430 MB and is decoded again at every epoch. The default of `data.max_image_pixels`
-# and of `vlm-orpo serve --max-image-pixels`.
-MAX_IMAGE_PIXELS = 40_000_000
 _FILE_FORMATS = {".parquet": "parquet", ".jsonl": "json", ".json": "json", ".csv": "csv", ".arrow": "arrow"}
-
-
-class BadRow(ValueError):
-    """A problem with one row; the row is skipped and counted under `reason`."""
-
-    def __init__(self, reason: str, detail: str = ""):
-        super().__init__(f"{reason}: {detail}" if detail else reason)
-        self.reason = reason
-        self.detail = detail
-
-
-def open_image(value, base_dir: Path | None = None, max_pixels: int | None = MAX_IMAGE_PIXELS) -> Image.Image:
-    """Decode an image given as PIL, bytes, a datasets `{"bytes", "path"}` dict or a file path; always RGB.
-
-    The size is checked from the header, before any pixel is decoded."""
-    try:
-        if isinstance(value, Image.Image):
-            image = value
-        elif isinstance(value, (bytes, bytearray)):
-            image = Image.open(io.BytesIO(value))
-        elif isinstance(value, dict) and value.get("bytes"):
-            image = Image.open(io.BytesIO(value["bytes"]))
-        elif isinstance(value, dict) and value.get("path"):
-            return open_image(value["path"], base_dir, max_pixels)
-        elif isinstance(value, (str, os.PathLike)):
-            path = Path(value)
-            if not path.is_absolute() and base_dir is not None:
-                path = base_dir / path
-            image = Image.open(path)
-        else:
-            raise BadRow("missing image", f"no image data in {type(value).__name__}")
-        if max_pixels is not None and image.width * image.height > max_pixels:
-            raise BadRow("oversized image", f"{image.width}x{image.height} is over {max_pixels:,} pixels")
-        image.load()
-    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError, ValueError) as exc:
-        if isinstance(exc, BadRow):
-            raise
-        raise BadRow("undecodable image", first_line(exc, with_type=False)[:200]) from None
-    return image if image.mode == "RGB" else image.convert("RGB")
 
 
 def resolve_image_path(value, base_dir: Path | None):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 from pathlib import Path
@@ -15,7 +16,15 @@ from vlm_orpo.modeling.families import ModelFamily, family_for
 
 log = logging.getLogger(__name__)
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+def adapter_config(path: str | Path) -> dict:
+    """A PEFT adapter directory's adapter_config.json, or one line saying why `path` is not such a directory."""
+    directory = Path(path).expanduser()
+    if not directory.is_dir():
+        raise ConfigError(f"adapter not found: {path}")
+    config = directory / "adapter_config.json"
+    if not config.is_file():
+        raise ConfigError(f"not a PEFT adapter directory (no adapter_config.json): {path}")
+    return json.loads(config.read_text())
 
 
 def resolve_model_path(name_or_path: str) -> str:
@@ -37,7 +46,7 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
         if device.type == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         return torch.float32
-    return _DTYPES[dtype]
+    return getattr(torch, dtype)
 
 
 def from_pretrained(loader, cfg: ModelConfig, **kwargs):
