@@ -24,7 +24,7 @@ from vlm_orpo.reporting import COLUMNS, plot_comparison, results_table
 from vlm_orpo.scoring import score_batches
 
 log = logging.getLogger(__name__)
-# The per-pair JSONL contract (DESIGN.md, "Contracts"): field -> the metric of `losses.pair_losses` it holds.
+# The per-pair JSONL contract (README, "evaluate"): field -> the metric of `losses.pair_losses` it holds.
 PER_PAIR_FIELDS = {
     "chosen_logp": "logps/chosen",
     "rejected_logp": "logps/rejected",
@@ -147,7 +147,7 @@ def pope_table(rows) -> str:
 
 
 def write_per_pair(f, model_name: str, scores) -> None:
-    """One JSON object per pair: the contract in DESIGN.md ("Contracts")."""
+    """One JSON object per pair, with the fields of `PER_PAIR_FIELDS`."""
     values = {field: scores.values[metric].tolist() for field, metric in PER_PAIR_FIELDS.items()}
     for i, meta in enumerate(scores.meta):
         record = {"model": model_name, **meta, **{field: values[field][i] for field in PER_PAIR_FIELDS}}

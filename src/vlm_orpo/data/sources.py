@@ -79,14 +79,12 @@ class SkipReport:
     """Skipped rows by reason; every skip is logged once with its row number and idx."""
 
     reasons: Counter = field(default_factory=Counter)
-    rows: list[tuple[str, int, Any, str]] = field(default_factory=list)  # (split, row, idx, message)
     kept: Counter = field(default_factory=Counter)
     truncated: Counter = field(default_factory=Counter)  # kept rows with an answer cut to max_answer_tokens
     unscored: Counter = field(default_factory=Counter)  # held-out rows left out by an evaluation limit
 
     def skip(self, split: str, row: int, idx: Any, error: BadRow) -> None:
         self.reasons[error.reason] += 1
-        self.rows.append((split, row, idx, str(error)))
         log.warning("skipped %s row %d (idx %s): %s", split, row, idx, error)
 
     @property
