@@ -24,6 +24,7 @@ from transformers import TrainingArguments
 
 from vlm_orpo.errors import ConfigError, first_line
 from vlm_orpo.images import MAX_IMAGE_PIXELS
+from vlm_orpo.modeling.backends import ATTN_BACKENDS
 
 BUNDLED = "bundled"  # the tiny model and synthetic data that `vlm-orpo assets` builds offline
 DTYPES = ("auto", "float32", "bfloat16", "float16")  # auto: bfloat16/float16 on CUDA, float32 elsewhere
@@ -80,14 +81,15 @@ class DataConfig:
 class ModelConfig:
     name_or_path: str = BUNDLED  # "bundled" = the tiny LLaVA-NeXT built by `vlm-orpo assets`
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16
-    attn_backend: str = "auto"  # auto (flex on CUDA, sdpa elsewhere) | sdpa | flex
+    attn_backend: str = "auto"  # one of modeling.backends.ATTN_BACKENDS (auto: the fastest exact one here)
     compile_layers: bool | str = "auto"  # torch.compile each decoder layer: auto = on CUDA only
     revision: str | None = None
     trust_remote_code: bool = False
 
     def __post_init__(self):
         _check(self.dtype in DTYPES, f"model.dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
-        _check(self.attn_backend in ("auto", "sdpa", "flex"), f"model.attn_backend {self.attn_backend!r} is not valid")
+        _check(self.attn_backend in ATTN_BACKENDS,
+               f"model.attn_backend must be one of {', '.join(ATTN_BACKENDS)}, got {self.attn_backend!r}")
         _check(self.compile_layers in (True, False, "auto"), "model.compile_layers must be true, false or auto")
 
 

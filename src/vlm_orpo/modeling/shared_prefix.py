@@ -11,9 +11,9 @@ import torch
 
 from vlm_orpo.data.packing import Part
 from vlm_orpo.losses import PairLogps
+from vlm_orpo.modeling.backends import ATTN_BACKENDS
 from vlm_orpo.modeling.families import family_for
 
-BACKENDS = ("auto", "sdpa", "flex")
 _LOGSOFTMAX_CHUNK = 2048  # target tokens per fp32 log-softmax chunk
 
 
@@ -26,8 +26,8 @@ def unwrap(model):
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
-    if backend not in BACKENDS:
-        raise ValueError(f"attention backend must be one of {BACKENDS}, got {backend!r}")
+    if backend not in ATTN_BACKENDS:
+        raise ValueError(f"attention backend must be one of {ATTN_BACKENDS}, got {backend!r}")
     if backend == "auto":
         return "flex" if device.type == "cuda" else "sdpa"
     return backend
