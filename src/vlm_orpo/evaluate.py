@@ -14,7 +14,15 @@ from pathlib import Path
 
 import torch
 
-from vlm_orpo.config import ConfigError, load_config
+from vlm_orpo.config import (
+    DEFAULT_ORPO_LAMBDA,
+    ConfigError,
+    add_config_arguments,
+    load_config,
+    non_negative_float,
+    non_negative_int,
+    positive_int,
+)
 from vlm_orpo.errors import BadRow, first_line
 from vlm_orpo.images import open_image, png_data_url
 from vlm_orpo.data.packing import PackedCollator, PairEncoder, load_pairs
@@ -71,7 +79,27 @@ class _Batches:
         yield from track(self.loader, description="scoring", total=len(self.loader), transient=True)
 
 
-def run_evaluate(args) -> dict:
+HELP = "score base and adapters on preference pairs; one table"
+
+
+def add_arguments(p) -> None:
+    add_config_arguments(p)
+    p.add_argument("--model", help="base model: a hub name, a local directory, or 'bundled' (default: config's)")
+    p.add_argument("--adapters", nargs="*", default=[], help="adapter directories, each scored on the same base")
+    p.add_argument("--data", help="data source (default: config's data.source)")
+    p.add_argument("--split", help="named split to score (default: config's validation split or fraction)")
+    p.add_argument("--limit", type=positive_int, help="score at most N pairs")
+    p.add_argument("--lambda", dest="orpo_lambda", type=non_negative_float, default=None,
+                   help=f"ORPO lambda (default: the config's loss.orpo_lambda, else {DEFAULT_ORPO_LAMBDA:g})")
+    p.add_argument("--batch-size", type=positive_int, default=4, help="pairs per forward")
+    p.add_argument("--out", default="eval", help="output directory for results.md/json/csv and plots")
+    p.add_argument("--per-pair", help="write one JSON object per pair and model to this JSONL file")
+    p.add_argument("--generate", type=non_negative_int, default=0, metavar="N",
+                   help="answer N prompts greedily with each model")
+    p.add_argument("--pope", help="POPE-style file (image, question, label yes/no) to score hallucination")
+
+
+def run(args) -> dict:
     cfg = load_config(args.config, args.overrides)
     if args.model:
         cfg.model.name_or_path = args.model

@@ -21,7 +21,15 @@ from transformers import TrainerState, set_seed
 from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_callback import ProgressCallback
 
-from vlm_orpo.config import ConfigError, PreferenceTrainingArguments, RunConfig
+from vlm_orpo.config import (
+    DEFAULT_ORPO_LAMBDA,
+    LOSS_TYPES,
+    ConfigError,
+    PreferenceTrainingArguments,
+    RunConfig,
+    add_config_arguments,
+    load_config,
+)
 from vlm_orpo.data.packing import PackedCollator, PairEncoder, load_pairs
 from vlm_orpo.errors import RunStopped, first_line
 from vlm_orpo.modeling.compile import compile_decoder_layers
@@ -32,6 +40,29 @@ from vlm_orpo.run_dir import BEST, FINAL, METRICS, SUMMARY, RunDir
 from vlm_orpo.trainer import CompactProgress, FiniteGuard, MetricsFile, PreferenceTrainer
 
 log = logging.getLogger(__name__)
+
+
+HELP = "fine-tune an adapter with a preference loss (ORPO by default; see the loss: section)"
+
+
+def add_arguments(parser) -> None:
+    parser.epilog = (
+        f"Config sections: data, model, lora, loss, training. loss.type is one of {', '.join(LOSS_TYPES)} (default "
+        f"orpo); loss.orpo_lambda defaults to {DEFAULT_ORPO_LAMBDA:g}, as TRL's ORPO beta (the seed's run used 10). "
+        "training takes any transformers TrainingArguments field. See README.md, 'train'."
+    )
+    add_config_arguments(parser)
+    parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint in output_dir")
+    parser.add_argument("--overwrite", action="store_true", help="start over in an output_dir that holds checkpoints")
+    parser.add_argument("--dry-run", action="store_true", help="validate the config and print the plan; no training")
+
+
+def run(args) -> None:
+    cfg = load_config(args.config, args.overrides)
+    if args.dry_run:
+        print(dry_run(cfg))
+        return
+    print(f"run directory: {train(cfg, resume=args.resume, overwrite=args.overwrite)}")
 
 
 def training_arguments(cfg: RunConfig) -> PreferenceTrainingArguments:

@@ -21,10 +21,13 @@ from .tiny_model import build_tiny_model
 
 __all__ = [
     "ASSETS_VERSION",
+    "HELP",
+    "add_arguments",
     "build_synthetic_data",
     "build_tiny_model",
     "cache_root",
     "ensure_assets",
+    "run",
     "score_answer",
 ]
 
@@ -94,3 +97,23 @@ def ensure_assets(root: Path | None = None) -> dict[str, str]:
             if not _data_ready(paths):
                 build_synthetic_data(base / SYNTHETIC_DIRNAME, seed=SEED)
     return {k: str(v) for k, v in paths.items()}
+
+
+HELP = "build (if needed) and show the bundled tiny model and synthetic data"
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--json", action="store_true", help='print {"tiny_model": DIR, "train": PATH, "validation": PATH}')
+
+
+def run(args) -> None:
+    """`vlm-orpo assets`."""
+    import json
+
+    paths = ensure_assets()
+    if args.json:
+        print(json.dumps(paths))
+        return
+    print("Bundled assets (built on first use, offline):")
+    for name, path in paths.items():
+        print(f"  {name:<11} {path}")

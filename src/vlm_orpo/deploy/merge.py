@@ -29,7 +29,10 @@ VLLM_KEY_RENAMES = {
 }
 
 
-def add_merge_arguments(parser) -> None:
+HELP = 'merge a LoRA adapter into its base model (loads in transformers and vLLM)'
+
+
+def add_arguments(parser) -> None:
     parser.add_argument("--model", help="base model: hub name, local directory or 'bundled' (default: the adapter's)")
     parser.add_argument("--adapter", required=True, help="PEFT LoRA adapter directory (e.g. runs/x/best)")
     parser.add_argument("--out", required=True, help="output directory for the merged model")
@@ -42,7 +45,7 @@ def add_merge_arguments(parser) -> None:
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
 
 
-def run_merge(args) -> None:
+def run(args) -> None:
     out = merge_adapter(
         args.adapter, args.out, base=args.model, dtype=args.dtype, revision=args.revision,
         trust_remote_code=args.trust_remote_code, overwrite=args.overwrite,

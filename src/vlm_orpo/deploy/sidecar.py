@@ -13,7 +13,7 @@ from pathlib import Path
 
 from vlm_orpo.config import ConfigError
 
-CHECKOUT = Path(__file__).resolve().parents[2]  # an editable install's source checkout
+CHECKOUT = Path(__file__).resolve().parents[3]  # an editable install's source checkout
 
 
 def env_python(venv: str, explicit: str | None, setup_hint: str, roots: list[Path] | None = None) -> str:

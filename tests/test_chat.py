@@ -40,7 +40,7 @@ def need(module: str):
 need("gradio")
 need("openai")
 
-from vlm_orpo import ui  # noqa: E402
+from vlm_orpo.deploy import chat as ui  # noqa: E402
 from vlm_orpo.config import ConfigError  # noqa: E402
 
 
@@ -130,7 +130,7 @@ def data_url(path: Path) -> str:
 
 def chat_args(*argv: str) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
-    ui.add_chat_arguments(parser)
+    ui.add_arguments(parser)
     return parser.parse_args(list(argv))
 
 
@@ -253,17 +253,17 @@ def test_security_defaults_and_argument_errors(endpoints):
     assert kwargs["max_file_size"] == 2 * 2**20
     assert kwargs["auth"]("anyone", KEY) and not kwargs["auth"]("anyone", "nope")
     with pytest.raises(ConfigError, match="--compare"):
-        ui.run_chat(chat_args("--endpoint", base.url, "--judgments", "j.jsonl"))
+        ui.run(chat_args("--endpoint", base.url, "--judgments", "j.jsonl"))
     with pytest.raises(ConfigError, match="http"):
-        ui.run_chat(chat_args("--endpoint", "file:///etc/passwd"))
+        ui.run(chat_args("--endpoint", "file:///etc/passwd"))
     with pytest.raises(ConfigError, match="http"):
-        ui.run_chat(chat_args("--endpoint", "ftp://127.0.0.1/v1"))
+        ui.run(chat_args("--endpoint", "ftp://127.0.0.1/v1"))
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
         with pytest.raises(ConfigError, match=f"port {port} on 127.0.0.1 is in use"):
-            ui.run_chat(chat_args("--endpoint", base.url, "--port", str(port)))
+            ui.run(chat_args("--endpoint", base.url, "--port", str(port)))
 
 
 # ---------------------------------------------------------------- the app, served

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 from vlm_orpo.config import ConfigError, positive_int
-from vlm_orpo.sidecar import env_python
+from vlm_orpo.deploy.sidecar import env_python
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +41,10 @@ def calibrates(scheme: str) -> bool:
     return SCHEMES[scheme][1] != "rtn"
 
 
-def add_quantize_arguments(parser: argparse.ArgumentParser) -> None:
+HELP = 'quantize a merged model with llm-compressor (compressed-tensors)'
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="merged model directory (or hub name)")
     parser.add_argument("--scheme", required=True, choices=list(SCHEMES), help="quantization scheme")
     parser.add_argument("--out", required=True, help="output directory for the compressed-tensors checkpoint")
@@ -69,7 +72,7 @@ def quantize_python(explicit: str | None, roots: list[Path] | None = None) -> st
     return env_python(".venv-quantize", explicit, SETUP_HINT, roots)
 
 
-def run_quantize(args) -> None:
+def run(args) -> None:
     if (Path(args.out) / "config.json").exists():
         raise ConfigError(f"--out {args.out} already holds a checkpoint; remove it or pick another directory")
     if importlib.util.find_spec("llmcompressor") is None:

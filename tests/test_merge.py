@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from vlm_orpo.config import ConfigError, LoraSettings, ModelConfig
-from vlm_orpo.export import add_merge_arguments, merge_adapter, rename_for_vllm, run_merge
+from vlm_orpo.deploy.merge import add_arguments, merge_adapter, rename_for_vllm, run
 
 
 def random_adapter(base_dir: str, out, seed: int = 0, train_projector: bool = True):
@@ -43,8 +43,8 @@ def adapter(asset_cache, tmp_path_factory):
 def merged(asset_cache, adapter, tmp_path_factory):
     out = tmp_path_factory.mktemp("merged")
     parser = argparse.ArgumentParser()
-    add_merge_arguments(parser)
-    run_merge(parser.parse_args(["--adapter", str(adapter), "--out", str(out), "--overwrite"]))  # base from adapter
+    add_arguments(parser)
+    run(parser.parse_args(["--adapter", str(adapter), "--out", str(out), "--overwrite"]))  # base from adapter
     return out
 
 

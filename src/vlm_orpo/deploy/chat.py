@@ -30,7 +30,7 @@ from vlm_orpo.config import ConfigError, positive_int
 from vlm_orpo.data.sources import RLAIF_V_COLUMNS
 from vlm_orpo.errors import BadRow
 from vlm_orpo.images import open_image, png_bytes, png_data_url
-from vlm_orpo.sidecar import check_port_free, is_loopback
+from vlm_orpo.deploy.sidecar import check_port_free, is_loopback
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +39,10 @@ DATA_URL = re.compile(r"data:image/[\w.+-]+;base64,[A-Za-z0-9+/]+={0,2}")
 REMOTE = re.compile(r"^(https?|ftp)://", re.IGNORECASE)
 
 
-def add_chat_arguments(parser: argparse.ArgumentParser) -> None:
+HELP = 'Gradio chat against an OpenAI-compatible endpoint; compare and judge'
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--endpoint", required=True, help="OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1")
     parser.add_argument("--compare", metavar="URL2", help="a second endpoint: ask both, show both, pick the better")
     parser.add_argument("--judgments", metavar="FILE.jsonl", help="compare mode: append judgments here "
@@ -382,7 +385,7 @@ def launch_kwargs(args) -> dict:
     return kwargs
 
 
-def run_chat(args) -> None:
+def run(args) -> None:
     if args.judgments and not args.compare:
         raise ConfigError("--judgments is for compare mode: add --compare URL2")
     if args.max_upload_mb <= 0:
