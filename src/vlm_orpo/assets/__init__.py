@@ -1,7 +1,7 @@
 """Offline assets: a tiny LLaVA-NeXT model and a synthetic visual preference dataset.
 
 Both are generated deterministically from a fixed seed (no download) and cached under
-:func:`cache_root` on first use::
+`cache_root` on first use::
 
     from vlm_orpo.assets import ensure_assets
     paths = ensure_assets()
@@ -16,8 +16,8 @@ import shutil
 from contextlib import contextmanager
 from pathlib import Path
 
-from .synthetic import build_synthetic_data, score_answer
-from .tiny_model import build_tiny_model
+from vlm_orpo.assets.synthetic import build_synthetic_data, score_answer
+from vlm_orpo.assets.tiny_model import build_tiny_model
 
 __all__ = [
     "ASSETS_VERSION",
@@ -39,7 +39,7 @@ SYNTHETIC_DIRNAME = "synthetic"
 
 
 def cache_root() -> Path:
-    """``$VLM_ORPO_CACHE`` if set, else ``~/.cache/vlm-orpo``."""
+    """`$VLM_ORPO_CACHE` if set, else `~/.cache/vlm-orpo`."""
     env = os.environ.get("VLM_ORPO_CACHE")
     return Path(env).expanduser() if env else Path.home() / ".cache" / "vlm-orpo"
 
@@ -74,11 +74,11 @@ def _data_ready(paths: dict[str, Path]) -> bool:
 
 
 def ensure_assets(root: Path | None = None) -> dict[str, str]:
-    """Return ``{"tiny_model": DIR, "train": PATH, "validation": PATH}`` (absolute strings).
+    """Return `{"tiny_model": DIR, "train": PATH, "validation": PATH}` (absolute strings).
 
-    Builds whatever is missing under ``<root>/assets-v2/`` (``root`` defaults to
-    :func:`cache_root`). Concurrent callers are serialised by an ``flock`` on
-    ``<root>/assets-v2.lock``; builds are atomic, so readers never see partial files.
+    Builds whatever is missing under `<root>/assets-v2/` (`root` defaults to
+    `cache_root`). Concurrent callers are serialised by an `flock` on
+    `<root>/assets-v2.lock`; builds are atomic, so readers never see partial files.
     """
     root = Path(root).expanduser() if root is not None else cache_root()
     root = root.absolute()

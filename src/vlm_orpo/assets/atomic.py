@@ -12,7 +12,7 @@ from pathlib import Path
 
 @contextmanager
 def atomic_dir(out_dir: Path) -> Iterator[Path]:
-    """Yield an empty scratch folder that replaces ``out_dir`` when the block ends without an error."""
+    """Yield an empty scratch folder that replaces `out_dir` when the block ends without an error."""
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:

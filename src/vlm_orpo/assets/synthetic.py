@@ -1,15 +1,15 @@
 """Synthetic visual preference data: coloured shapes with correct / hallucinated answers.
 
-The data mirrors the schema of ``openbmb/RLAIF-V-Dataset`` (``image``, ``question``,
-``chosen``, ``rejected``, ``idx``, ``ds_name``, ``origin_dataset``) and adds ``task``
-and ``target`` so that generations can be scored with :func:`score_answer`.
+The data mirrors the schema of `openbmb/RLAIF-V-Dataset` (`image`, `question`,
+`chosen`, `rejected`, `idx`, `ds_name`, `origin_dataset`) and adds `task`
+and `target` so that generations can be scored with `score_answer`.
 
-Everything is generated from a ``random.Random`` seeded from the caller's seed, so the
+Everything is generated from a `random.Random` seeded from the caller's seed, so the
 same seed always gives the same rows and the same PNG bytes.
 
 Text alone never reveals the right answer: examples are produced in mirrored pairs
-(image A: chosen ``a`` / rejected ``b``; image B: chosen ``b`` / rejected ``a``), so every
-answer string occurs exactly as often as ``chosen`` as it does as ``rejected`` in each split.
+(image A: chosen `a` / rejected `b`; image B: chosen `b` / rejected `a`), so every
+answer string occurs exactly as often as `chosen` as it does as `rejected` in each split.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from .atomic import atomic_dir
+from vlm_orpo.assets.atomic import atomic_dir
 
 __all__ = [
     "BACKGROUNDS",
@@ -198,7 +198,7 @@ def _make_image(
     sizes: list[str] | None = None,
     background: str | None = None,
 ) -> tuple[bytes, str]:
-    """Draw ``n`` shapes; unspecified attributes are random. Returns (png, background)."""
+    """Draw `n` shapes; unspecified attributes are random. Returns (png, background)."""
     width, height = rng.choices(IMAGE_SIZES, weights=IMAGE_SIZE_WEIGHTS)[0]
     colours = colours or [rng.choice(list(COLOURS)) for _ in range(n)]
     shapes = shapes or [rng.choice(SHAPES) for _ in range(n)]
@@ -217,7 +217,7 @@ def _count_text(n: int, as_word: bool) -> str:
 
 
 def _make_pair(rng: random.Random, task: str) -> list[dict]:
-    """Two mirrored examples of ``task``: chosen/rejected answer strings are swapped."""
+    """Two mirrored examples of `task`: chosen/rejected answer strings are swapped."""
     rows: list[dict] = []
     if task in ("colour", "shape"):
         n = 1 if rng.random() < 0.6 else rng.randint(2, 3)
@@ -274,9 +274,9 @@ def _make_pair(rng: random.Random, task: str) -> list[dict]:
 
 
 def generate_split(n: int, seed: int, split: str, idx_offset: int = 0) -> dict[str, list]:
-    """Generate ``n`` rows (``n`` must be even) as a dict of columns.
+    """Generate `n` rows (`n` must be even) as a dict of columns.
 
-    ``image`` values are ``{"bytes": PNG, "path": None}`` dicts (the ``datasets.Image`` storage).
+    `image` values are `{"bytes": PNG, "path": None}` dicts (the `datasets.Image` storage).
     """
     if n < 0 or n % 2:
         raise ValueError(f"split size must be a non-negative even number (mirrored pairs), got {n}")
@@ -328,9 +328,9 @@ def _features():
 def build_synthetic_data(
     out_dir: Path, n_train: int = 1000, n_validation: int = 200, seed: int = 0
 ) -> dict[str, Path]:
-    """Write ``train.parquet`` and ``validation.parquet`` into ``out_dir`` (atomically).
+    """Write `train.parquet` and `validation.parquet` into `out_dir` (atomically).
 
-    Returns ``{"train": path, "validation": path}``. An existing ``out_dir`` is replaced.
+    Returns `{"train": path, "validation": path}`. An existing `out_dir` is replaced.
     """
     import datasets
 
@@ -364,12 +364,12 @@ def _found_counts(text: str) -> set[int]:
 
 
 def score_answer(task: str, target: str, text: str) -> bool:
-    """True if ``text`` names the right attribute and no wrong attribute of the same kind.
+    """True if `text` names the right attribute and no wrong attribute of the same kind.
 
-    * ``colour``: exactly the target colour among the colour words;
-    * ``shape``: exactly the target shape among circle/square/triangle (plural allowed);
-    * ``count``: exactly the target number among digits and number words (one, two, ...);
-    * ``description``: target is ``"<size> <colour> <shape> on <background>"``; colour and
+    * `colour`: exactly the target colour among the colour words;
+    * `shape`: exactly the target shape among circle/square/triangle (plural allowed);
+    * `count`: exactly the target number among digits and number words (one, two, ...);
+    * `description`: target is `"<size> <colour> <shape> on <background>"`; colour and
       shape must both be right (as above).
     """
     if task == "colour":

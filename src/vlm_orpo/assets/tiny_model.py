@@ -2,8 +2,8 @@
 
 Built offline and deterministically from a seed: a byte-level BPE tokenizer trained on a
 fixed corpus (the synthetic data's vocabulary plus ordinary English), a
-``LlavaNextProcessor`` with a LLaVA-v1.6-Mistral style chat template, and a
-``LlavaNextForConditionalGeneration`` with about 0.7M parameters (~2.7 MB float32).
+`LlavaNextProcessor` with a LLaVA-v1.6-Mistral style chat template, and a
+`LlavaNextForConditionalGeneration` with about 0.7M parameters (~2.7 MB float32).
 
 A 128x128 image becomes a 2x2 "anyres" grid of 64x64 crops: 64 base tokens +
 16x16 unpadded grid tokens + 16 newline tokens = 336 image tokens.
@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .atomic import atomic_dir
+from vlm_orpo.assets.atomic import atomic_dir
 
 __all__ = [
     "CHAT_TEMPLATE",
@@ -40,7 +40,7 @@ SPECIAL_TOKENS = [UNK, BOS, EOS, PAD, IMAGE, INST, INST_END]  # ids 0..6 in this
 # Differences from the hub template: content may also be a plain string, a system message is
 # folded into the first user turn (Mistral style), there is no trailing space after "</s>",
 # and the assistant text is wrapped in {% generation %} so that
-# ``return_assistant_tokens_mask=True`` works. ``add_generation_prompt`` adds nothing: the
+# `return_assistant_tokens_mask=True` works. `add_generation_prompt` adds nothing: the
 # assistant reply starts right after " [/INST]".
 CHAT_TEMPLATE = (
     "{%- set ns = namespace(system='') -%}"
@@ -130,7 +130,7 @@ During the summer holiday they visited museums, beaches, markets, castles and fa
 
 def tokenizer_corpus() -> list[str]:
     """Deterministic tokenizer training corpus: synthetic-data text plus English filler."""
-    from .synthetic import text_corpus
+    from vlm_orpo.assets.synthetic import text_corpus
 
     lines = text_corpus()
     lines += [line for line in _ENGLISH_FILLER.splitlines() if line.strip()]
@@ -140,7 +140,7 @@ def tokenizer_corpus() -> list[str]:
 
 
 def build_tokenizer():
-    """Train the byte-level BPE tokenizer (``tokenizers.Tokenizer``); deterministic."""
+    """Train the byte-level BPE tokenizer (`tokenizers.Tokenizer`); deterministic."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
     tok = Tokenizer(models.BPE(unk_token=None, fuse_unk=False, byte_fallback=False))
@@ -269,10 +269,10 @@ def _build_config(hf_tok):
 
 
 def build_tiny_model(out_dir: Path, seed: int = 0) -> Path:
-    """Build the tiny LLaVA-NeXT (processor + model) into ``out_dir`` and return it.
+    """Build the tiny LLaVA-NeXT (processor + model) into `out_dir` and return it.
 
-    The directory is assembled next to ``out_dir`` and renamed into place, so an
-    interrupted build never leaves a partial directory. An existing ``out_dir`` is replaced.
+    The directory is assembled next to `out_dir` and renamed into place, so an
+    interrupted build never leaves a partial directory. An existing `out_dir` is replaced.
     """
     import torch
     from transformers import GenerationConfig, LlavaNextForConditionalGeneration
