@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -16,15 +15,12 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 BENCH = REPO / "benchmarks" / "step_bench.py"
 CONTRACT_KEYS = {"median_s", "pairs_per_s", "tokens_per_s", "mfu", "peak_gib", "loss"}
+sys.path.insert(0, str(BENCH.parent))  # the harness package `bench`, as step_bench.py imports it
 
-
-@pytest.fixture(scope="module")
-def bench():
-    spec = importlib.util.spec_from_file_location("step_bench", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("step_bench", module)
-    spec.loader.exec_module(module)
-    return module
+from bench.flops import step_flops, text_linears  # noqa: E402
+from bench.geometry import SIZES, build_config, build_image_processor, build_model, make_pairs  # noqa: E402
+from bench.profiling import aggregate_profile  # noqa: E402
+from bench.report import summarize  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +68,7 @@ def test_cpu_smoke_json_contract(smoke_run):
 
 
 @pytest.mark.slow
-def test_cpu_smoke_profile_and_summary(smoke_run, bench):
+def test_cpu_smoke_profile_and_summary(smoke_run):
     proc, out = smoke_run
     assert proc.returncode == 0
     text = (out / "profile.txt").read_text()
@@ -82,22 +78,22 @@ def test_cpu_smoke_profile_and_summary(smoke_run, bench):
     for part in ("LM head", "LoRA A/B + scale/add", "vision tower", "attention core + rope + reshapes"):
         assert part in parts, sorted(parts)
     assert sum(p["share"] for p in parts.values()) == pytest.approx(1.0, abs=1e-6)
-    table = bench.summarize([str(out / "r.json")])
+    table = summarize([str(out / "r.json")])
     assert "packed_sdpa_x4" in table and "vs eager plain" in table
 
 
-def test_7b_geometry_gives_2340_image_tokens(bench, tiny_processor):
+def test_7b_geometry_gives_2340_image_tokens(tiny_processor):
     """The bench's pixel pipeline and the model's feature count agree with the processor's own token rule."""
     from transformers import LlavaNextProcessor
 
-    geometry = bench.SIZES["7b-tiny"]  # the 7b image geometry and answer lengths, tiny widths
-    model = bench.build_model(geometry, torch.device("cpu"), torch.float32, seed=0)
-    pairs = bench.make_pairs(model, geometry, 2, seed=0)
+    geometry = SIZES["7b-tiny"]  # the 7b image geometry and answer lengths, tiny widths
+    model = build_model(geometry, torch.device("cpu"), torch.float32, seed=0)
+    pairs = make_pairs(model, geometry, 2, seed=0)
     assert pairs[0].image_inputs["pixel_values"].shape == (1, 5, 3, 336, 336)
     assert pairs[0].prompt_ids.count(geometry.image_token_id) == 2340
     assert len(pairs[0].prompt_ids) == 2340 + geometry.question_tokens
     processor = LlavaNextProcessor(
-        image_processor=bench.build_image_processor(bench.SIZES["7b"]),
+        image_processor=build_image_processor(SIZES["7b"]),
         tokenizer=tiny_processor.tokenizer,
         patch_size=14,
         vision_feature_select_strategy="default",
@@ -105,29 +101,29 @@ def test_7b_geometry_gives_2340_image_tokens(bench, tiny_processor):
     )
     assert processor._get_num_multimodal_tokens(image_sizes=[[480, 640]])["num_image_tokens"] == [2340]
     # realistic, seeded answer lengths; pair i does not depend on how many pairs are made
-    assert bench.make_pairs(model, geometry, 1, seed=0)[0].chosen_ids == pairs[0].chosen_ids
-    lengths = [len(p.chosen_ids) for p in bench.make_pairs(model, geometry, 16, seed=0)]
+    assert make_pairs(model, geometry, 1, seed=0)[0].chosen_ids == pairs[0].chosen_ids
+    lengths = [len(p.chosen_ids) for p in make_pairs(model, geometry, 16, seed=0)]
     assert len(set(lengths)) > 8 and 60 < sorted(lengths)[8] < 300
 
 
-def test_7b_config_and_flop_formula(bench):
+def test_7b_config_and_flop_formula():
     """The 7b config is llava-v1.6-mistral-7b (7.57B parameters) and the formula's linears match the model's."""
     from transformers import LlavaNextForConditionalGeneration
 
-    size = bench.SIZES["7b"]
+    size = SIZES["7b"]
     with torch.device("meta"):
-        model = LlavaNextForConditionalGeneration(bench.build_config(size))
+        model = LlavaNextForConditionalGeneration(build_config(size))
     n_params = sum(p.numel() for p in model.parameters())
     assert 7.50e9 < n_params < 7.60e9
     layer = model.model.language_model.layers[0]
     linear = sum(m.weight.numel() for m in layer.modules() if isinstance(m, torch.nn.Linear))
-    assert linear == sum(i * o for i, o in bench.text_linears(size))
+    assert linear == sum(i * o for i, o in text_linears(size))
     # one 640x480 pair: packing shares the image and prompt, so the step costs well under plain's
     p, c, r = 2340 + 40, 150, 150
     plain_seqs = [p + c, p + r]
-    plain = bench.step_flops(size, sum(plain_seqs), sum(n * (n + 1) // 2 for n in plain_seqs), sum(plain_seqs),
+    plain = step_flops(size, sum(plain_seqs), sum(n * (n + 1) // 2 for n in plain_seqs), sum(plain_seqs),
                              10, 16)
-    packed = bench.step_flops(size, p + c + r, (p + c) * (p + c + 1) // 2 + r * p + r * (r + 1) // 2, c + r, 5, 16)
+    packed = step_flops(size, p + c + r, (p + c) * (p + c + 1) // 2 + r * p + r * (r + 1) // 2, c + r, 5, 16)
     assert 0.5 < packed["total"] / plain["total"] < 0.6
     assert plain["lm_head"] / packed["lm_head"] > 10
     # ~2 x 7B frozen parameters x 2 (forward + input gradient) per token
@@ -190,7 +186,7 @@ def test_decoder_layers_found_through_peft(asset_cache):
     assert not any(compiled_call(layer) for layer in decoder_layers(peft_model))
 
 
-def test_profile_aggregation_charges_gpu_kernels_to_model_parts(bench):
+def test_profile_aggregation_charges_gpu_kernels_to_model_parts():
     """The CUDA branch (not reachable on a CPU runner): kernels go to the part of the op that launched them,
     backward kernels to the forward op's part through the autograd sequence number, orphans separately."""
     from types import SimpleNamespace as NS
@@ -210,7 +206,7 @@ def test_profile_aggregation_charges_gpu_kernels_to_model_parts(bench):
                kernels=[("fmha_cutlassF_bf16_aligned", 40.0)], id=7)
     orphan = NS(name="triton_poi_fused_add_0", device_type=DeviceType.CUDA, linked_correlation_id=999,
                 time_range=NS(start=0.0, end=60.0))
-    out = bench.aggregate_profile([head, mm, root, mm_bwd, sdpa, orphan], cuda=True, steps=1)
+    out = aggregate_profile([head, mm, root, mm_bwd, sdpa, orphan], cuda=True, steps=1)
     parts = {k: v["s_per_step"] * 1e6 for k, v in out["by_part"].items()}
     assert parts == pytest.approx({"LM head": 300.0, "attention core + rope + reshapes": 40.0,
                                    "GPU kernels with no CPU op": 60.0})
