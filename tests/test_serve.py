@@ -33,7 +33,7 @@ import torch
 
 from vlm_orpo.deploy import serve, serve_guard
 from vlm_orpo.config import ConfigError
-from vlm_orpo.data.sources import MAX_IMAGE_PIXELS
+from vlm_orpo.images import MAX_IMAGE_PIXELS
 from vlm_orpo.deploy.serve import VllmRuntime, build_command
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -12,7 +12,8 @@ from PIL import Image
 
 from vlm_orpo.config import DataConfig
 from vlm_orpo.data.packing import PairDataset, PairEncoder, load_pairs
-from vlm_orpo.data.sources import RLAIF_V_COLUMNS, CanonicalRows, canonical_row, prepare_data
+from vlm_orpo.data.sources import RLAIF_V_COLUMNS, CanonicalRows, prepare_data
+from vlm_orpo.data.validation import canonical_row
 from vlm_orpo.errors import BadRow, DataError
 from vlm_orpo.images import open_image
 

@@ -68,11 +68,13 @@ class DataConfig:
     max_tokens_per_row: int | None = None  # pack several pairs per row up to this length; None = a pair per row
     eval_limit: int | None = None  # score at most this many validation pairs
     max_image_pixels: int = MAX_IMAGE_PIXELS  # larger images are skipped (counted), never decoded
+    num_proc: int | None = None  # processes that validate rows (default: the cores); the outcome is cached
 
     def __post_init__(self):
         _check(0 < self.subset_fraction <= 1, f"data.subset_fraction must be in (0, 1], got {self.subset_fraction}")
         _check(0 <= self.validation_fraction < 1, "data.validation_fraction must be in [0, 1)")
-        for name in ("max_answer_tokens", "max_prompt_tokens", "max_tokens_per_row", "eval_limit", "max_image_pixels"):
+        for name in ("max_answer_tokens", "max_prompt_tokens", "max_tokens_per_row", "eval_limit", "max_image_pixels",
+                     "num_proc"):
             value = getattr(self, name)
             _check(value is None or value > 0, f"data.{name} must be positive, got {value}")
 

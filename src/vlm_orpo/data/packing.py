@@ -7,6 +7,7 @@ in `modeling.shared_prefix`) hides C from R. Several pairs may share a row; the 
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
 from enum import IntEnum
@@ -58,6 +59,16 @@ class PairEncoder:
         control = {t.content for t in self.tokenizer.added_tokens_decoder.values()} | set(self.tokenizer.all_special_tokens)
         # text that the tokenizer would turn into a control token (`<image>`, `</s>`, `[INST]`) if it were in an answer
         self._control_text = re.compile("|".join(map(re.escape, sorted(control, key=len, reverse=True))))
+
+    @property
+    def cache_key(self) -> str:
+        """Everything that decides whether a row fits and how it tokenises (the row-validation cache's key)."""
+        image_processor = getattr(self.processor, "image_processor", None)
+        return json.dumps([
+            type(self.processor).__name__, self.tokenizer.name_or_path, len(self.tokenizer),
+            self.processor.chat_template, self.max_answer_tokens, self.max_prompt_tokens,
+            image_processor.to_dict() if image_processor is not None else None,
+        ], sort_keys=True, default=str)
 
     def messages(self, question) -> list[dict]:
         """The user turn: plain text gets one image in front; chat messages are used as given."""
@@ -309,7 +320,9 @@ def load_pairs(data_cfg, encoder: PairEncoder, *, train: bool = True, limit: int
         columns=data_cfg.columns,
         where=data_cfg.where,
         check_tokens=encoder.check,
+        check_key=encoder.cache_key,
         max_image_pixels=data_cfg.max_image_pixels,
+        num_proc=data_cfg.num_proc,
     )
     wrap = lambda rows: PairDataset(rows, encoder) if rows is not None and len(rows) else None  # noqa: E731
     return wrap(prepared.train), wrap(prepared.validation), prepared.report

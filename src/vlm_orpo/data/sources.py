@@ -18,8 +18,9 @@ import datasets
 import numpy as np
 
 from vlm_orpo.config import BUNDLED
+from vlm_orpo.data.validation import RowCheck, canonical_row, validate_rows
 from vlm_orpo.errors import BadRow, DataError
-from vlm_orpo.images import MAX_IMAGE_PIXELS, open_image
+from vlm_orpo.images import MAX_IMAGE_PIXELS
 
 log = logging.getLogger(__name__)
 
@@ -38,40 +39,6 @@ def resolve_image_path(value, base_dir: Path | None):
     if isinstance(value, (str, os.PathLike)) and not Path(value).is_absolute():
         return str(Path(base_dir) / value)
     return value
-
-
-def _text(value, name: str = "answer") -> str | None:
-    """An answer as plain text: a string, a number, or TRL's chat form (a list of messages with text content)."""
-    if value is None:
-        return None
-    if isinstance(value, str):
-        return value
-    if isinstance(value, (int, float)) and not isinstance(value, bool):  # e.g. a CSV column of counts
-        # a CSV column holding 3 and 2.5 is read as floats: the answer "3" must not come back as "3.0"
-        return str(int(value)) if isinstance(value, float) and value.is_integer() else str(value)
-    if isinstance(value, dict):
-        value = [value]
-    if not isinstance(value, (list, tuple)):
-        raise BadRow(f"bad {name}", f"a {type(value).__name__}, not text or chat messages")
-    parts = []
-    for message in value:
-        content = message.get("content") if isinstance(message, dict) else message
-        if content is None:
-            continue
-        if isinstance(content, str):
-            parts.append(content)
-        elif isinstance(content, (list, tuple)):
-            parts.extend(str(c.get("text") or "") for c in content if isinstance(c, dict) and c.get("type") == "text")
-        else:
-            raise BadRow(f"bad {name}", f"message content is a {type(content).__name__}")
-    return "".join(parts)
-
-
-def _question(value):
-    """Plain question text, or chat messages kept as given (the encoder formats both)."""
-    if isinstance(value, list) and value and isinstance(value[0], dict) and "role" in value[0]:
-        return value
-    return _text(value, "question")
 
 
 @dataclass
@@ -125,37 +92,6 @@ class CanonicalRows:
         row = canonical_row(self.raw(i), self.columns, self.indices[i], self.has_idx)
         row["image"] = resolve_image_path(row["image"], self.base_dir)
         return row
-
-
-def canonical_row(raw: dict, columns: dict[str, str], row_number: int, has_idx: bool) -> dict:
-    image = raw[columns["image"]]
-    if isinstance(image, list):  # TRL's `images`: we train on exactly one image per pair
-        if len(image) != 1:
-            raise BadRow("missing image" if not image else "more than one image", f"{len(image)} images")
-        image = image[0]
-    return {
-        "idx": raw["idx"] if has_idx else row_number,
-        "image": image,
-        "question": _question(raw[columns["question"]]),
-        "chosen": _text(raw[columns["chosen"]], "chosen"),
-        "rejected": _text(raw[columns["rejected"]], "rejected"),
-    }
-
-
-def check_row(row: dict, base_dir: Path | None, max_pixels: int | None = MAX_IMAGE_PIXELS) -> tuple[int, int]:
-    """Raise BadRow for a row we cannot train on; return the image's (height, width)."""
-    for name in ("question", "chosen", "rejected"):
-        value = row[name]
-        if value is None:
-            raise BadRow(f"missing {name}")
-        if isinstance(value, str) and not value.strip():
-            raise BadRow(f"empty {name}")
-    if row["chosen"].strip() == row["rejected"].strip():
-        raise BadRow("chosen identical to rejected")
-    if row["image"] is None:
-        raise BadRow("missing image")
-    image = open_image(row["image"], base_dir, max_pixels)
-    return image.height, image.width
 
 
 def resolve_columns(column_names: list[str], mapping: dict[str, str] | None) -> dict[str, str]:
@@ -257,11 +193,13 @@ def select_rows(
     positions: list[int] | None = None,
     check_tokens: Callable[[dict, tuple[int, int]], bool] | None = None,
     max_pixels: int | None = MAX_IMAGE_PIXELS,
+    check_key: str | None = None,
+    num_proc: int | None = None,
 ) -> CanonicalRows:
-    """Validate rows (images are decoded once, then dropped) and keep the good ones.
+    """Validate rows (in parallel, or from the cache of an earlier run: see `validation`) and keep the good ones.
 
-    `check_tokens(row, (height, width))` (the encoder's) raises BadRow for a row the model cannot take and
-    returns whether an answer will be cut, which is counted."""
+    `check_tokens(row, (height, width))` (the encoder's, with `check_key` its cache key) raises BadRow for a row
+    the model cannot take and returns whether an answer will be cut, which is counted."""
     image_col = columns["image"]
     undecoded = dataset
     feature = dataset.features.get(image_col)
@@ -269,20 +207,15 @@ def select_rows(
         undecoded = dataset.cast_column(image_col, datasets.Image(decode=False))
     elif isinstance(feature, datasets.Sequence | datasets.List) and isinstance(feature.feature, datasets.Image):
         undecoded = dataset.cast_column(image_col, type(feature)(datasets.Image(decode=False)))
-    has_idx = "idx" in dataset.column_names
+    check = RowCheck(undecoded, columns, base_dir, max_pixels, check_tokens, check_key)
+    positions = list(positions) if positions is not None else list(range(len(undecoded)))
     kept = []
-    for row_number in positions if positions is not None else range(len(undecoded)):
-        raw = undecoded[row_number]
-        idx = raw["idx"] if has_idx else row_number
-        try:
-            row = canonical_row(raw, columns, row_number, has_idx)
-            size = check_row(row, base_dir, max_pixels)
-            truncated = check_tokens(row, size) if check_tokens is not None else False
-        except BadRow as err:
-            report.skip(split_name, row_number, idx, err)
+    for outcome in validate_rows(check, positions, num_proc):
+        if outcome.reason is not None:
+            report.skip(split_name, outcome.row, outcome.idx, BadRow(outcome.reason, outcome.detail))
             continue
-        report.truncated[split_name] += truncated
-        kept.append(row_number)
+        report.truncated[split_name] += outcome.truncated
+        kept.append(outcome.row)
     report.kept[split_name] = len(kept)
     return CanonicalRows(undecoded, columns, kept, base_dir)
 
@@ -319,7 +252,9 @@ def prepare_data(
     columns: dict[str, str] | None = None,
     where: dict[str, Any] | None = None,
     check_tokens: Callable | None = None,
+    check_key: str | None = None,
     max_image_pixels: int | None = MAX_IMAGE_PIXELS,
+    num_proc: int | None = None,
 ) -> PreparedData:
     """Load, subset, split and validate. A named validation split wins over validation_fraction.
 
@@ -343,7 +278,9 @@ def prepare_data(
 
     def validated(dataset, name, base_dir, positions):
         cols = resolve_columns(dataset.column_names, columns)
-        return select_rows(dataset, cols, name, report, base_dir, positions, check_tokens, max_image_pixels)
+        return select_rows(
+            dataset, cols, name, report, base_dir, positions, check_tokens, max_image_pixels, check_key, num_proc
+        )
 
     def limited(positions: list[int], name: str) -> list[int]:
         if limit is not None and len(positions) > limit:

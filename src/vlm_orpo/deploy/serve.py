@@ -25,10 +25,10 @@ from pathlib import Path
 from types import SimpleNamespace
 from urllib.parse import urlsplit
 
-from vlm_orpo.deploy import serve_guard
 from vlm_orpo.config import ConfigError, positive_int
-from vlm_orpo.data.sources import MAX_IMAGE_PIXELS
+from vlm_orpo.deploy import serve_guard
 from vlm_orpo.deploy.sidecar import check_port_free, env_python, is_loopback
+from vlm_orpo.images import MAX_IMAGE_PIXELS
 
 log = logging.getLogger(__name__)
 
