@@ -111,21 +111,77 @@ class LoraSettings:
         _check(0 <= self.dropout < 1, f"lora.dropout must be in [0, 1), got {self.dropout}")
 
 
-LOSS_TYPES = ("orpo",)
+# Reference-free losses (ORPO, and SimPO and CPO from TRL's CPOTrainer), then the DPO family of TRL's DPOTrainer
+# (loss_type sigmoid = dpo, ipo, hinge, robust, apo_zero, sigmoid_norm), which compares against a reference model.
+REFERENCE_FREE_LOSSES = ("orpo", "simpo", "cpo")
+REFERENCE_LOSSES = ("dpo", "ipo", "hinge", "robust", "apo_zero", "sigmoid_norm")
+LOSS_TYPES = REFERENCE_FREE_LOSSES + REFERENCE_LOSSES
 DEFAULT_ORPO_LAMBDA = 0.1  # TRL's ORPOConfig beta and the ORPO paper's lambda; the seed's run set 10
+_REFERENCE_KNOBS = ("beta", "reference_model", "reference_device")
+# The knobs each loss reads, besides sft_on_prompt (read wherever there is an NLL term). A knob set away from its
+# default for a loss that does not read it is a warning: it would change nothing.
+LOSS_KNOBS = {
+    "orpo": ("orpo_lambda",),
+    "simpo": ("beta", "simpo_gamma", "label_smoothing", "sft_weight"),
+    "cpo": ("beta", "cpo_alpha", "label_smoothing"),
+    "robust": (*_REFERENCE_KNOBS, "label_smoothing", "sft_weight"),
+    **{name: (*_REFERENCE_KNOBS, "sft_weight") for name in ("dpo", "ipo", "hinge", "apo_zero", "sigmoid_norm")},
+}
 
 
 @dataclass
 class LossConfig:
-    """The preference loss and its parameters, named as TRL names them."""
+    """The preference loss and its parameters, named as TRL names them (DPOConfig, CPOConfig, ORPOConfig)."""
 
     type: str = "orpo"
+    beta: float = 0.1  # TRL's beta: reward scale (DPO family, SimPO, CPO); IPO's tau
+    label_smoothing: float = 0.0  # robust: the rate of flipped labels; simpo/cpo: TRL's conservative smoothing
+    simpo_gamma: float = 0.5  # SimPO's target reward margin (TRL's default)
+    cpo_alpha: float = 1.0  # weight of CPO's NLL term on chosen (TRL's default)
     orpo_lambda: float = DEFAULT_ORPO_LAMBDA  # weight of the odds-ratio term (TRL's `beta` for ORPO)
+    sft_weight: float = 0.0  # weight of an NLL term on chosen (RPO's alpha) for the DPO family and SimPO
     sft_on_prompt: bool = False  # add the prompt's text tokens to the NLL term (the collator then scores them)
+    reference_model: str | None = None  # a frozen reference loaded from here (default: the base model, see reference.py)
+    reference_device: str | None = None  # where a frozen reference lives (full fine-tuning); default the model's
 
     def __post_init__(self):
         _check(self.type in LOSS_TYPES, f"loss.type must be one of {', '.join(LOSS_TYPES)}, got {self.type!r}")
-        _check(self.orpo_lambda >= 0, f"loss.orpo_lambda must be >= 0, got {self.orpo_lambda}")
+        _check(self.beta > 0, f"loss.beta must be > 0, got {self.beta}")
+        _check(0 <= self.label_smoothing < 0.5, f"loss.label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
+        for name in ("simpo_gamma", "cpo_alpha", "orpo_lambda", "sft_weight"):
+            _check(getattr(self, name) >= 0, f"loss.{name} must be >= 0, got {getattr(self, name)}")
+        if self.reference_device is not None:
+            import torch
+
+            try:
+                torch.device(self.reference_device)
+            except (RuntimeError, ValueError):
+                raise ConfigError(f"loss.reference_device {self.reference_device!r} is not a device (cpu, cuda:1)") from None
+        for knob in dataclasses.fields(self):
+            unread = knob.name not in (*LOSS_KNOBS[self.type], "type", "sft_on_prompt")
+            if unread and getattr(self, knob.name) != knob.default:
+                log.warning("loss.%s is set but loss.type %s does not read it", knob.name, self.type)
+        if self.sft_on_prompt and self.nll_weight == 0:
+            log.warning("loss.sft_on_prompt is set but loss.type %s has no NLL term (see loss.sft_weight)", self.type)
+
+    @property
+    def needs_reference(self) -> bool:
+        return self.type in REFERENCE_LOSSES
+
+    @property
+    def nll_weight(self) -> float:
+        """Weight of the NLL term on chosen: 1 in ORPO (the paper), cpo_alpha in CPO, sft_weight elsewhere."""
+        return {"orpo": 1.0, "cpo": self.cpo_alpha}.get(self.type, self.sft_weight)
+
+    def knobs(self) -> dict[str, float]:
+        """The numbers this loss reads (a zero smoothing or SFT weight left out): the plan line, the table title."""
+        return {k: getattr(self, k) for k in LOSS_KNOBS[self.type] if not k.startswith("reference_")
+                and (getattr(self, k) or k not in ("label_smoothing", "sft_weight"))}
+
+    def describe(self) -> str:
+        if self.type == "orpo":
+            return f"orpo (ORPO lambda {self.orpo_lambda:g})"
+        return f"{self.type} ({', '.join(f'{k} {v:g}' for k, v in self.knobs().items())})"
 
 
 # Keys that lived in `training:` before the loss had its own section: still read, with a deprecation line.
