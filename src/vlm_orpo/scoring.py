@@ -13,6 +13,7 @@ import torch
 from vlm_orpo.config import LossConfig
 from vlm_orpo.losses import pair_losses
 from vlm_orpo.modeling.shared_prefix import packed_logps
+from vlm_orpo.reference import move_batch, reference_for
 
 
 @dataclass
@@ -32,16 +33,14 @@ class PairScores:
         return {**{name: v.mean().item() for name, v in self.values.items()}, "pairs": float(len(self))}
 
 
-def move_batch(batch: dict, device: torch.device) -> dict:
-    """The packed batch on `device`: its tensors, and the image tensors nested under `images`."""
-    moved = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-    moved["images"] = {k: v.to(device) for k, v in batch["images"].items()}
-    return moved
-
-
 @torch.no_grad()
-def score_batches(model, batches, loss_cfg: LossConfig, gather=None) -> PairScores:
-    """Score an iterable of packed batches; `gather` (e.g. accelerate's gather_for_metrics) joins processes."""
+def score_batches(model, batches, loss_cfg: LossConfig, gather=None, reference=None) -> PairScores:
+    """Score an iterable of packed batches; `gather` (e.g. accelerate's gather_for_metrics) joins processes.
+
+    A loss with a reference scores it too: `reference` (the trainer's), else the one `model` implies (a PEFT
+    model with its adapter disabled, `loss.reference_model`, or a plain model itself)."""
+    if reference is None:
+        reference = reference_for(model, loss_cfg)
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -52,7 +51,8 @@ def score_batches(model, batches, loss_cfg: LossConfig, gather=None) -> PairScor
             batch = move_batch(batch, device)
             if gather is None:
                 meta.extend(batch.get("meta", []))
-            for name, value in pair_losses(packed_logps(model, batch), loss_cfg).items():
+            ref = reference.logps(model, batch) if reference is not None else None
+            for name, value in pair_losses(packed_logps(model, batch), loss_cfg, ref).items():
                 value = value.float()
                 parts.setdefault(name, []).append((gather(value) if gather else value).cpu())
     finally:

@@ -25,6 +25,7 @@ from vlm_orpo.config import (
     DEFAULT_ORPO_LAMBDA,
     LOSS_TYPES,
     ConfigError,
+    LossConfig,
     PreferenceTrainingArguments,
     RunConfig,
     add_config_arguments,
@@ -134,8 +135,10 @@ def plan(cfg: RunConfig, args, trainer: PreferenceTrainer | None = None, report=
         f"optimisation: lr {args.learning_rate:g} ({args.lr_scheduler_type}), "
         f"batch {args.per_device_train_batch_size} x accumulation {args.gradient_accumulation_steps}, "
         f"{'max_steps ' + str(args.max_steps) if args.max_steps > 0 else str(args.num_train_epochs) + ' epochs'}, "
-        f"loss {cfg.loss.type} (ORPO lambda {cfg.loss.orpo_lambda:g})"
+        f"loss {cfg.loss.describe()}"
     )
+    if trainer is not None and trainer.reference is not None:
+        lines.append(f"reference: {trainer.reference}")
     lines.append(f"output: {args.output_dir}")
     return "\n".join(lines)
 
@@ -190,7 +193,7 @@ def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False) -> Path
                 trainer.evaluate()  # Trainer evaluates at the last step itself when eval_strategy is steps
             trainer.save_model_atomically(FINAL, "run.json", {"step": trainer.state.global_step})
             if main_process:
-                write_summary(run.path, cfg.loss.orpo_lambda, time.perf_counter() - start, report)
+                write_summary(run.path, cfg.loss, time.perf_counter() - start, report)
     finally:
         run.unlock()
     return run.path
@@ -230,7 +233,7 @@ def _disk_full(exc: BaseException, path: Path) -> bool:
         return False
 
 
-def write_summary(out: Path, orpo_lambda: float, seconds: float, report) -> None:
+def write_summary(out: Path, loss: LossConfig, seconds: float, report) -> None:
     records = read_jsonl(out / METRICS)
     evals = [r for r in records if "eval_loss" in r]
     rows = []
@@ -242,9 +245,9 @@ def write_summary(out: Path, orpo_lambda: float, seconds: float, report) -> None
             (f"best (step {best['step']})", strip(best["metrics"])),
             (f"final (step {evals[-1]['step']})", strip(evals[-1])),
         ]
-    plots = plot_training(out / METRICS, out)
+    plots = plot_training(out / METRICS, out, loss)
     text = [f"# Run summary: {out.name}", ""]
-    text += [results_table(rows, orpo_lambda), ""] if rows else ["No validation split, so no results table.", ""]
+    text += [results_table(rows, loss), ""] if rows else ["No validation split, so no results table.", ""]
     text += [f"Wall time: {seconds:.0f} s. {report.summary()}", ""]
     print("\n".join(text), flush=True)
     text += [f"![{p.stem}]({p.name})" for p in plots]

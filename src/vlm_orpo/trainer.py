@@ -1,8 +1,9 @@
 """The transformers Trainer with our loss, validation and checkpoint safety, and the callbacks a run needs.
 
-`PreferenceTrainer.compute_loss` is the packed shared-prefix forward plus `losses.pair_losses`; its validation
-is `scoring.score_batches` (the same function), and best/, final/ and checkpoints are written to a staging
-folder and renamed, so a kill never leaves half of one.
+`PreferenceTrainer.compute_loss` is the packed shared-prefix forward plus `losses.pair_losses` (with the
+reference's log-probs of the same batch when the loss has one, see `reference`); its validation is
+`scoring.score_batches` (the same functions), and best/, final/ and checkpoints are written to a staging folder
+and renamed, so a kill never leaves half of one.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from vlm_orpo.config import LossConfig
 from vlm_orpo.errors import RunStopped
 from vlm_orpo.losses import pair_losses
 from vlm_orpo.modeling.shared_prefix import packed_logps
+from vlm_orpo.reference import reference_for
 from vlm_orpo.reporting import ACCURACY
 from vlm_orpo.run_dir import BEST
 from vlm_orpo.scoring import score_batches
@@ -38,6 +40,7 @@ class PreferenceTrainer(Trainer):
     def __init__(self, *args, loss_cfg: LossConfig, **kwargs):
         super().__init__(*args, **kwargs)
         self.loss_cfg = loss_cfg
+        self.reference = reference_for(self.model, loss_cfg, training=True)  # None when the loss needs none
         self.model_accepts_loss_kwargs = False  # our loss is a per-pair mean: let Trainer scale it for accumulation
         self._train_metrics: dict[str, list[float]] = defaultdict(list)
         self._pairs_since_log = 0
@@ -49,7 +52,9 @@ class PreferenceTrainer(Trainer):
         return super().train(*args, **kwargs)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        metrics = pair_losses(packed_logps(model, inputs), self.loss_cfg)
+        # the reference first: its no-grad activations are freed before the policy's are kept for backward
+        ref = self.reference.logps(model, inputs) if self.reference is not None else None
+        metrics = pair_losses(packed_logps(model, inputs), self.loss_cfg, ref)
         loss = metrics.pop("loss").mean()
         if model.training:
             for name, value in metrics.items():
@@ -79,7 +84,9 @@ class PreferenceTrainer(Trainer):
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
         started = time.perf_counter()
         dataloader = self.get_eval_dataloader(eval_dataset)
-        scores = score_batches(self.model, dataloader, self.loss_cfg, gather=self.accelerator.gather_for_metrics)
+        scores = score_batches(
+            self.model, dataloader, self.loss_cfg, gather=self.accelerator.gather_for_metrics, reference=self.reference
+        )
         metrics = {f"{metric_key_prefix}_{k}": v for k, v in scores.means().items()}
         self.log(metrics)
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)

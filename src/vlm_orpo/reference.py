@@ -1,0 +1,118 @@
+"""The reference model of the DPO family, as cheap as it can be and exact: its log-probs of the same packed batch.
+
+- LoRA / QLoRA: the reference is the base model, which is the policy with its adapter switched off
+  (`PeftModel.disable_adapter`, which also routes `modules_to_save`, e.g. a trained projector, back to the
+  original module). No second copy of the weights: one more forward, under no_grad, in the same step.
+- Full fine-tuning: a frozen copy of the model taken before the first step, on `loss.reference_device`.
+- `loss.reference_model`: that model, loaded once and frozen (any adapter method).
+- Scoring a plain model with no reference configured (`vlm-orpo evaluate`'s base row): the model is its own
+  reference, so its rewards are 0.
+
+Each kind has `logps(model, batch) -> PairLogps`, where `model` is the policy as the caller holds it (possibly
+wrapped by DDP) and `batch` the packed batch of `data.packing.PackedCollator`.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import functools
+
+import torch
+
+from vlm_orpo.config import ConfigError, LossConfig, ModelConfig
+from vlm_orpo.losses import PairLogps
+from vlm_orpo.modeling.shared_prefix import attention_backend, packed_logps, unwrap
+
+
+def move_batch(batch: dict, device: torch.device) -> dict:
+    """The packed batch on `device`: its tensors, and the image tensors nested under `images`."""
+    moved = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    moved["images"] = {k: v.to(device) for k, v in batch["images"].items()}
+    return moved
+
+
+def peft_model(model):
+    """The PeftModel under DDP/compile wrappers, or None for a plain model."""
+    from peft import PeftModel
+
+    while hasattr(model, "module") and not isinstance(model, PeftModel):
+        model = model.module
+    model = getattr(model, "_orig_mod", model)
+    return model if isinstance(model, PeftModel) else None
+
+
+class AdapterDisabled:
+    """The base model of a LoRA/QLoRA policy: the same forward with the adapter switched off."""
+
+    def __init__(self, peft):
+        self.peft = peft
+
+    def __str__(self) -> str:
+        return "the base model (the same forward with the adapter disabled)"
+
+    def logps(self, model, batch: dict) -> PairLogps:
+        with torch.no_grad(), self.peft.disable_adapter():
+            return packed_logps(model, batch)
+
+
+class FrozenModel:
+    """A model that never trains, on its own device; its log-probs come back on the batch's device."""
+
+    def __init__(self, model, what: str):
+        self.model = model
+        self.what = what
+
+    def __str__(self) -> str:
+        return f"{self.what} on {self.device}"
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def logps(self, model, batch: dict) -> PairLogps:
+        home = batch["input_ids"].device
+        with torch.no_grad():
+            logps = packed_logps(self.model, move_batch(batch, self.device) if home != self.device else batch)
+        return PairLogps(**{
+            f.name: None if getattr(logps, f.name) is None else getattr(logps, f.name).to(home)
+            for f in dataclasses.fields(logps)
+        })
+
+
+def reference_for(model, loss_cfg: LossConfig, *, training: bool = False):
+    """The reference `loss_cfg` needs for `model`, or None for a reference-free loss.
+
+    `training`: a plain (fully fine-tuned) model gets a frozen copy of itself now, before it changes; when only
+    scoring, a plain model is its own reference."""
+    if not loss_cfg.needs_reference:
+        return None
+    hf = unwrap(model)
+    device = torch.device(loss_cfg.reference_device) if loss_cfg.reference_device else hf.device
+    if loss_cfg.reference_model:
+        dtype = str(hf.dtype).removeprefix("torch.")
+        loaded = _load_reference(loss_cfg.reference_model, str(device), dtype, attention_backend(hf))
+        if loaded.config.get_text_config().vocab_size != hf.config.get_text_config().vocab_size:
+            raise ConfigError(f"loss.reference_model {loss_cfg.reference_model} has another vocabulary than the model")
+        return FrozenModel(loaded, f"loss.reference_model {loss_cfg.reference_model}")
+    peft = peft_model(model)
+    if peft is not None:
+        if loss_cfg.reference_device:
+            raise ConfigError("loss.reference_device is for a frozen reference (full fine-tuning or "
+                              "loss.reference_model); a LoRA model's reference is itself with the adapter disabled")
+        return AdapterDisabled(peft)
+    if not training:
+        return FrozenModel(hf, "the model itself")
+    frozen = copy.deepcopy(hf).to(device).eval().requires_grad_(False)
+    return FrozenModel(frozen, "a frozen copy of the model before training")
+
+
+@functools.lru_cache(maxsize=1)
+def _load_reference(name_or_path: str, device: str, dtype: str, backend: str):
+    """Loaded once per process, so `vlm-orpo evaluate` scores every adapter against one copy."""
+    from vlm_orpo.modeling.load import load_base_model
+    from vlm_orpo.modeling.shared_prefix import set_attention_backend
+
+    model = load_base_model(ModelConfig(name_or_path=name_or_path, dtype=dtype), torch.device(device))
+    set_attention_backend(model, backend)
+    return model.eval().requires_grad_(False)
