@@ -7,6 +7,7 @@ the same packed forward and loss as training.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import html
 import json
 import logging
@@ -28,7 +29,7 @@ from vlm_orpo.images import open_image, png_data_url
 from vlm_orpo.data.packing import PackedCollator, PairEncoder, load_pairs
 from vlm_orpo.modeling.load import adapter_config, load_base_model, load_processor
 from vlm_orpo.modeling.shared_prefix import set_attention_backend
-from vlm_orpo.reporting import COLUMNS, plot_comparison, results_table
+from vlm_orpo.reporting import columns, plot_comparison, results_table
 from vlm_orpo.scoring import score_batches
 
 log = logging.getLogger(__name__)
@@ -111,7 +112,6 @@ def run(args) -> dict:
         cfg.data.validation_split = "validation"
     if args.orpo_lambda is not None:
         cfg.loss.orpo_lambda = args.orpo_lambda
-    orpo_lambda = cfg.loss.orpo_lambda
     for adapter in args.adapters:
         adapter_config(adapter)  # fail before the long part
     out = Path(args.out)
@@ -149,17 +149,17 @@ def run(args) -> dict:
         if per_pair:
             per_pair.close()
 
-    table = results_table(rows, orpo_lambda)
+    table = results_table(rows, cfg.loss)
     if pope:
         table += "\n\n" + pope_table(rows)
     print(table)
     (out / "results.md").write_text(table + "\n")
-    (out / "results.json").write_text(json.dumps({"orpo_lambda": orpo_lambda, "rows": dict(rows)}, indent=2))
+    (out / "results.json").write_text(json.dumps({"loss": dataclasses.asdict(cfg.loss), "rows": dict(rows)}, indent=2))
     with (out / "results.csv").open("w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["name", *(k for k, _ in COLUMNS)])
-        writer.writerows([name, *(m[k] for k, _ in COLUMNS)] for name, m in rows)
-    plot_comparison(rows, orpo_lambda, out / "results.png")
+        writer.writerow(["name", *(k for k, _ in columns(cfg.loss))])
+        writer.writerows([name, *(m[k] for k, _ in columns(cfg.loss))] for name, m in rows)
+    plot_comparison(rows, cfg.loss, out / "results.png")
     if generations:
         rates = write_generations(out / "generations.html", dataset, generations)
         if rates:
