@@ -74,7 +74,7 @@ def test_per_pair_file_matches_a_plain_forward(evaluated, asset_cache, tiny_proc
     records = [json.loads(line) for line in (out / "pairs.jsonl").read_text().splitlines()]
     assert [r["model"] for r in records].count("base") == 24 and len(records) == 72
     keys = {"model", "idx", "prompt_ids", "chosen_ids", "rejected_ids", "chosen_logp", "rejected_logp",
-            "log_odds", "sft_loss", "or_loss"}
+            "log_odds", "sft_loss", "or_loss", "loss"}
     assert all(set(r) == keys for r in records)
 
     # Recompute the base rows with the plain two-sequence forward, from the ids in the file.

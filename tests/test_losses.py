@@ -296,7 +296,6 @@ def test_the_orpo_results_table_is_unchanged():
             "|---|---|---|---|---|---|---|\n"
             "| base (step 0) | 8.2235 | 7.5085 | 0.7150 | 48.0% | -0.0198 | -0.0198 |")
     assert results_table(ROWS, LossConfig(orpo_lambda=1.0)) == want
-    assert results_table(ROWS, 1.0) == want  # the ORPO lambda alone, as callers that predate the other losses pass
 
 
 def test_results_tables_name_the_loss_its_values_and_its_own_columns():

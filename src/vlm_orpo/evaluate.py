@@ -33,14 +33,9 @@ from vlm_orpo.reporting import columns, plot_comparison, results_table
 from vlm_orpo.scoring import score_batches
 
 log = logging.getLogger(__name__)
-# The per-pair JSONL contract (README, "evaluate"): field -> the metric of `losses.pair_losses` it holds.
-PER_PAIR_FIELDS = {
-    "chosen_logp": "logps/chosen",
-    "rejected_logp": "logps/rejected",
-    "log_odds": "log_odds_chosen",
-    "sft_loss": "nll_loss",
-    "or_loss": "or_loss",
-}
+# The per-pair JSONL contract (README, "evaluate") beyond the answers' mean log-probs: field -> the metric of
+# `losses.pair_losses` it holds, written when the loss has that metric (ORPO's log-odds and its two terms).
+PER_PAIR_METRICS = {"log_odds": "log_odds_chosen", "sft_loss": "nll_loss", "or_loss": "or_loss", "loss": "loss"}
 
 
 def model_variants(base, adapters: list[str]):
@@ -175,11 +170,11 @@ def pope_table(rows) -> str:
 
 
 def write_per_pair(f, model_name: str, scores) -> None:
-    """One JSON object per pair, with the fields of `PER_PAIR_FIELDS`."""
-    values = {field: scores.values[metric].tolist() for field, metric in PER_PAIR_FIELDS.items()}
+    """One JSON object per pair: ids as fed, each answer's mean per-token log-prob, and the loss's own terms."""
+    values = {f"{answer}_logp": v.tolist() for answer, v in scores.answer_logps.items()}
+    values |= {field: scores.values[m].tolist() for field, m in PER_PAIR_METRICS.items() if m in scores.values}
     for i, meta in enumerate(scores.meta):
-        record = {"model": model_name, **meta, **{field: values[field][i] for field in PER_PAIR_FIELDS}}
-        f.write(json.dumps(record) + "\n")
+        f.write(json.dumps({"model": model_name, **meta, **{field: v[i] for field, v in values.items()}}) + "\n")
 
 
 @torch.no_grad()

@@ -45,17 +45,8 @@ def curves(loss: LossConfig) -> tuple[tuple[str, str], ...]:
     return tuple((key, titles.get(key, title)) for key, title in columns(loss) if key in keep)
 
 
-# The ORPO table's columns (metric names; titles for ORPO's default lambda): use `columns(loss)` for any loss.
-COLUMNS = columns(LossConfig())
-
-
-def _as_loss(loss: LossConfig | float) -> LossConfig:
-    """A number is the ORPO lambda alone: the callers that predate the other losses pass that."""
-    return loss if isinstance(loss, LossConfig) else LossConfig(orpo_lambda=loss)
-
-
-def results_table(rows: list[tuple[str, dict[str, float]]], loss: LossConfig | float) -> str:
-    cols = columns(_as_loss(loss))
+def results_table(rows: list[tuple[str, dict[str, float]]], loss: LossConfig) -> str:
+    cols = columns(loss)
     header = ["Name", *(title for _, title in cols)]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     for name, metrics in rows:
@@ -76,10 +67,10 @@ def _pyplot():
     return plt
 
 
-def plot_comparison(rows: list[tuple[str, dict[str, float]]], loss: LossConfig | float, path: Path) -> Path:
+def plot_comparison(rows: list[tuple[str, dict[str, float]]], loss: LossConfig, path: Path) -> Path:
     """One bar group per metric, one bar per model."""
     plt = _pyplot()
-    cols = columns(_as_loss(loss))
+    cols = columns(loss)
     fig, axes = plt.subplots(1, len(cols), figsize=(3.2 * len(cols), 3.4))
     names = [name for name, _ in rows]
     for ax, (key, title) in zip(axes, cols):
@@ -106,12 +97,12 @@ def read_jsonl(path: Path) -> list[dict]:
     return records
 
 
-def plot_training(metrics_path: Path, out_dir: Path, loss: LossConfig | None = None) -> list[Path]:
-    """train vs eval curves of the loss, its terms and accuracy (`curves(loss)`, ORPO's by default) from metrics.jsonl."""
+def plot_training(metrics_path: Path, out_dir: Path, loss: LossConfig) -> list[Path]:
+    """train vs eval curves of the loss, its terms and accuracy (`curves(loss)`) from metrics.jsonl."""
     plt = _pyplot()
     records = read_jsonl(metrics_path)
     paths = []
-    for name, title in curves(loss or LossConfig()):
+    for name, title in curves(loss):
         fig, ax = plt.subplots(figsize=(5, 3.4))
         for key, label in ((name, "train"), (f"eval_{name}", "eval")):
             points = [(r["step"], r[key]) for r in records if key in r]

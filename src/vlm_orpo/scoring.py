@@ -22,6 +22,8 @@ class PairScores:
 
     values: dict[str, torch.Tensor] = field(default_factory=dict)
     meta: list[dict] = field(default_factory=list)  # idx and token ids per pair (single process only)
+    # mean per-token log-prob of each answer, whatever the loss sums or averages: the per-pair file's contract
+    answer_logps: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(next(iter(self.values.values()))) if self.values else 0
@@ -52,9 +54,13 @@ def score_batches(model, batches, loss_cfg: LossConfig, gather=None, reference=N
             if gather is None:
                 meta.extend(batch.get("meta", []))
             ref = reference.logps(model, batch) if reference is not None else None
-            for name, value in pair_losses(packed_logps(model, batch), loss_cfg, ref).items():
+            logps = packed_logps(model, batch)
+            per_pair = {**pair_losses(logps, loss_cfg, ref), "answer:chosen": logps.chosen, "answer:rejected": logps.rejected}
+            for name, value in per_pair.items():
                 value = value.float()
                 parts.setdefault(name, []).append((gather(value) if gather else value).cpu())
     finally:
         model.train(was_training)
-    return PairScores({name: torch.cat(chunks) for name, chunks in parts.items()}, meta)
+    values = {name: torch.cat(chunks) for name, chunks in parts.items()}
+    answer_logps = {name.removeprefix("answer:"): values.pop(name) for name in list(values) if name.startswith("answer:")}
+    return PairScores(values, meta, answer_logps)
