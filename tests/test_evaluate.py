@@ -189,3 +189,20 @@ def test_evaluate_honours_sft_on_prompt_from_the_config(asset_cache, tmp_path, c
     assert on["logps/chosen"] == off["logps/chosen"] and on["or_loss"] == off["or_loss"]
     assert on["nll_loss"] != off["nll_loss"] and on["loss"] - off["loss"] == pytest.approx(
         on["nll_loss"] - off["nll_loss"], abs=1e-6)
+
+
+def test_evaluate_reports_the_configured_loss(asset_cache, tmp_path, capsys):
+    """A DPO config: the table says so, the CSV has its columns, and the per-pair file keeps mean log-probs."""
+    from test_cli import main_in_process
+
+    out = tmp_path / "dpo"
+    result = main_in_process(capsys, "evaluate", "--config", str(QUICKSTART).replace("quickstart", "quickstart_dpo"),
+                             "--limit", "4", "--out", str(out), "--per-pair", str(out / "pairs.jsonl"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "| DPO loss (β = 0.1) |" in (out / "results.md").read_text()
+    base = json.loads((out / "results.json").read_text())["rows"]["base"]
+    assert base["loss"] == pytest.approx(0.6931, abs=1e-4) and base["rewards/margins"] == 0  # its own reference
+    assert (out / "results.csv").read_text().startswith("name,loss,rewards/accuracies")
+    records = [json.loads(line) for line in (out / "pairs.jsonl").read_text().splitlines()]
+    tokens = [len(r["chosen_ids"]) for r in records]
+    assert all(-20 < r["chosen_logp"] < 0 for r in records) and max(tokens) > 1  # a mean per token, not a sum
