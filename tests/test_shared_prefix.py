@@ -1,4 +1,5 @@
-"""The packed shared-prefix forward must equal the plain two-sequence forward: log-probs, ORPO loss, LoRA grads."""
+"""The packed shared-prefix forward must equal the plain two-sequence forward: log-probs, ORPO loss, LoRA grads,
+on every attention backend with a CPU backward (dense SDPA mask and the pairs attention)."""
 
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from vlm_orpo.modeling.shared_prefix import dense_mask, packed_logps, set_attent
 
 LOGP_RTOL, GRAD_RTOL = 1e-5, 1e-4
 LAMBDA = 0.5
+BACKENDS = ["sdpa", "pairs"]  # flex has no CPU backward: its forward is checked against sdpa below
 
 
 def lora_model(base):
@@ -34,14 +36,14 @@ def lora_model(base):
     return get_peft_model(base, config)
 
 
-def llava_next(asset_cache):
+def llava_next(asset_cache, backend="sdpa"):
     torch.manual_seed(0)
     model = AutoModelForImageTextToText.from_pretrained(asset_cache["tiny_model"], dtype=torch.float32)
-    set_attention_backend(model, "sdpa")
+    set_attention_backend(model, backend)
     return model
 
 
-def llava15():
+def llava15(backend="sdpa"):
     """A tiny LLaVA-1.5 (CLIP + Llama, one 32x32 image = 16 image tokens), random weights."""
     torch.manual_seed(0)
     config = LlavaConfig(
@@ -58,7 +60,7 @@ def llava15():
         vision_feature_select_strategy="default",
     )
     model = LlavaForConditionalGeneration(config).eval()
-    set_attention_backend(model, "sdpa")
+    set_attention_backend(model, backend)
     return model
 
 
@@ -108,14 +110,15 @@ def assert_equivalent(model, pairs, pad_id, image_token_id, max_tokens_per_row, 
     return batch
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("max_tokens_per_row", [None, 700, 4000], ids=["pair-per-row", "padded-rows", "one-row"])
 @pytest.mark.parametrize("gradient_checkpointing", [False, True], ids=["plain", "grad-ckpt"])
-def test_llava_next_packed_equals_plain(asset_cache, tiny_pairs, max_tokens_per_row, gradient_checkpointing):
+def test_llava_next_packed_equals_plain(asset_cache, tiny_pairs, max_tokens_per_row, gradient_checkpointing, backend):
     encoder, pairs = tiny_pairs
     pairs = pairs[:4]
     assert len({len(p) for p in pairs}) > 1, "the test needs pairs of different lengths"
     batch = assert_equivalent(
-        llava_next(asset_cache), pairs, encoder.tokenizer.pad_token_id, encoder.image_token_id,
+        llava_next(asset_cache, backend), pairs, encoder.tokenizer.pad_token_id, encoder.image_token_id,
         max_tokens_per_row, gradient_checkpointing,
     )
     rows = batch["input_ids"].shape[0]
@@ -124,9 +127,10 @@ def test_llava_next_packed_equals_plain(asset_cache, tiny_pairs, max_tokens_per_
         assert (batch["span"] == -1).any(), "rows of unequal length must be padded"
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("gradient_checkpointing", [False, True], ids=["plain", "grad-ckpt"])
-def test_llava15_packed_equals_plain(gradient_checkpointing):
-    assert_equivalent(llava15(), llava15_pairs(), 0, 127, 90, gradient_checkpointing)
+def test_llava15_packed_equals_plain(gradient_checkpointing, backend):
+    assert_equivalent(llava15(backend), llava15_pairs(), 0, 127, 90, gradient_checkpointing)
 
 
 def test_mask_hides_chosen_from_rejected_and_pairs_from_each_other():

@@ -1,8 +1,9 @@
 """The packed forward: image and prompt once per pair, chosen and rejected answers side by side.
 
-The model's own forward does the image-feature merge; we hand it a ready 4D mask (dense bool for SDPA, or a
-FlexAttention BlockMask) that transformers passes through unchanged, the restarted position ids, and
-`logits_to_keep` so the LM head runs only on positions that predict answer tokens.
+The model's own forward does the image-feature merge; we hand it what its attention backend needs to keep
+pairs apart and chosen from rejected (a dense bool mask for SDPA, a FlexAttention BlockMask, or the pairs
+backend's layout), the restarted position ids, and `logits_to_keep` so the LM head runs only on positions that
+predict answer tokens.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import torch
 
 from vlm_orpo.data.packing import Part
 from vlm_orpo.losses import PairLogps
+from vlm_orpo.modeling import attention
 from vlm_orpo.modeling.backends import ATTN_BACKENDS
 from vlm_orpo.modeling.families import family_for
 
@@ -25,6 +27,9 @@ def unwrap(model):
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
+_IMPLEMENTATIONS = {"sdpa": "sdpa", "flex": "flex_attention", "pairs": attention.IMPLEMENTATION}  # transformers' names
+
+
 def resolve_backend(backend: str, device: torch.device) -> str:
     if backend not in ATTN_BACKENDS:
         raise ValueError(f"attention backend must be one of {ATTN_BACKENDS}, got {backend!r}")
@@ -34,19 +39,19 @@ def resolve_backend(backend: str, device: torch.device) -> str:
 
 
 def set_attention_backend(model, backend: str) -> str:
-    """Point the language model's attention at SDPA or FlexAttention; the vision tower keeps its own.
+    """Point the language model's attention at SDPA, FlexAttention or pairs; the vision tower keeps its own.
 
     The model is the one holder of this choice: `attention_backend` reads it back."""
     hf = unwrap(model)
     resolved = resolve_backend(backend, hf.device)
-    hf.set_attn_implementation({"text_config": "flex_attention" if resolved == "flex" else "sdpa"})
+    hf.set_attn_implementation({"text_config": _IMPLEMENTATIONS[resolved]})
     return resolved
 
 
 def attention_backend(model) -> str:
-    """"flex" or "sdpa": what the language model's attention is set to, so the mask is built to match."""
+    """"sdpa", "flex" or "pairs": what the language model's attention is set to, so its inputs are built to match."""
     implementation = unwrap(model).config.get_text_config()._attn_implementation
-    return "flex" if implementation == "flex_attention" else "sdpa"
+    return next((name for name, impl in _IMPLEMENTATIONS.items() if impl == implementation), "sdpa")
 
 
 def dense_mask(pair_index: torch.Tensor, span: torch.Tensor) -> torch.Tensor:
@@ -75,6 +80,17 @@ def block_mask(pair_index: torch.Tensor, span: torch.Tensor):
     return create_block_mask(mask_mod, rows, None, T, T, device=pair_index.device)
 
 
+def attention_inputs(backend: str, pair_index: torch.Tensor, span: torch.Tensor) -> dict:
+    """The model-forward keywords that make `backend` apply the shared-prefix rule.
+
+    For pairs, an all-ones 2D mask tells transformers there is no padding, so it builds no mask at all (SDPA's
+    is_causal skip), and the layout does all the masking."""
+    if backend == "pairs":
+        return {"attention_mask": torch.ones_like(pair_index), "pair_layout": attention.pair_layout(pair_index, span)}
+    build = block_mask if backend == "flex" else dense_mask
+    return {"attention_mask": build(pair_index, span)}
+
+
 def token_logps(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """log p(target) per row of [N, vocab] logits, in fp32 chunks so no [N, vocab] fp32 copy exists at once."""
     out = []
@@ -89,11 +105,9 @@ def packed_logps(model, batch: dict) -> PairLogps:
     """Per-pair summed answer log-probs from one forward over packed rows (see `data.packing`)."""
     hf = unwrap(model)
     family = family_for(hf.config)
-    build_mask = block_mask if attention_backend(hf) == "flex" else dense_mask
-    mask = build_mask(batch["pair_index"], batch["span"])
     outputs = model(
         input_ids=batch["input_ids"],
-        attention_mask=mask,
+        **attention_inputs(attention_backend(hf), batch["pair_index"], batch["span"]),
         position_ids=family.position_ids(hf, batch),
         logits_to_keep=batch["logits_to_keep"],
         use_cache=False,
