@@ -11,9 +11,9 @@ import torch
 
 from vlm_orpo.config import LossConfig
 from vlm_orpo.data.packing import EncodedPair, PackedCollator
-from vlm_orpo.losses import PairLogps, pair_losses
-from vlm_orpo.modeling.reference import plain_batch, plain_logps
-from vlm_orpo.modeling.shared_prefix import packed_logps, token_logps, unwrap
+from vlm_orpo.losses import pair_losses
+from vlm_orpo.modeling.reference import plain_batch, plain_batch_logps, plain_logps
+from vlm_orpo.modeling.shared_prefix import packed_logps, unwrap
 
 from .flops import packed_work, plain_work
 
@@ -51,38 +51,13 @@ def to_device(batch: dict, device: torch.device, dtype: torch.dtype) -> dict:
     return out
 
 
-def plain_targets(batch: dict, spans: list[tuple[int, int]]) -> dict:
-    """Flat (sequence, predicting position, target id) of every answer token of a `plain_batch`."""
-    rows, cols = [], []
-    for i, (P, A) in enumerate(spans):
-        rows += [i] * A
-        cols += range(P - 1, P + A - 1)
-    rows, cols = torch.tensor(rows), torch.tensor(cols)
-    return {"rows": rows, "cols": cols, "ids": batch["input_ids"][rows, cols + 1],
-            "lengths": torch.tensor([a for _, a in spans], dtype=torch.float32)}
-
-
-def plain_step_logps(model, batch: dict, targets: dict):
-    """The plain forward as TRL runs it: full-sequence logits for both sequences of every pair (LM head on every
-    position), then every answer token's log-prob gathered in one go. Same values as
-    `modeling.reference.plain_logps` (checked every run), whose per-sequence slices of the full logits cost one
-    full-logits-sized gradient buffer per sequence in backward, which no real trainer pays."""
-    logits = model(**batch, use_cache=False).logits  # [2N, width, vocab]
-    logps = token_logps(logits[targets["rows"], targets["cols"]], targets["ids"])
-    n_seq = targets["lengths"].numel()
-    sums = torch.zeros(n_seq, dtype=logps.dtype, device=logps.device).index_add(0, targets["rows"], logps)
-    sums, lengths = sums.view(2, -1), targets["lengths"].to(logps.device, logps.dtype).view(2, -1)
-    return PairLogps(chosen_sum=sums[0], rejected_sum=sums[1], chosen_tokens=lengths[0], rejected_tokens=lengths[1])
-
-
 def prepare_step(model, base: str, pairs: list[EncodedPair], device, dtype, pad_id: int, image_id: int) -> Step:
-    """Plain: two sequences per pair with full logits (TRL's layout, `plain_step_logps`); packed: all pairs
+    """Plain: `modeling.reference`'s two sequences per pair with full logits (TRL's layout); packed: all pairs
     in one shared-prefix row (the model holds the attention backend, set by the caller from `Step.backend`)."""
     if base == "plain":
-        batch, spans = plain_batch(pairs, pad_id)
-        targets = to_device(plain_targets(batch, spans), device, torch.float32)
-        batch = to_device(batch, device, dtype)
-        return Step(lambda: plain_step_logps(model, batch, targets), plain_work(pairs), "sdpa")
+        batch, answers = plain_batch(pairs, pad_id)
+        batch, answers = to_device(batch, device, dtype), to_device(answers, device, dtype)
+        return Step(lambda: plain_batch_logps(model, batch, answers), plain_work(pairs), "sdpa")
     collator = PackedCollator(pad_id, image_id, max_tokens_per_row=sum(len(p) for p in pairs))
     batch = collator(pairs)
     assert batch["input_ids"].shape[0] == 1, "all pairs of a step must share one row"
