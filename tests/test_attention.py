@@ -130,7 +130,9 @@ def test_the_model_holds_the_backend_for_the_text_model_only(backend):
     assert model.config.vision_config._attn_implementation == "sdpa"
 
 
-def test_the_packing_policy():
+def test_auto_and_the_packing_policy():
+    assert resolve_backend("auto", torch.device("cpu")) == "pairs"
+    assert resolve_backend("auto", torch.device("cuda")) == "flex"
     assert not packs_pairs("sdpa")  # the dense mask pays for every other pair in the row
     assert packs_pairs("pairs") and packs_pairs("flex")
     with pytest.raises(ValueError, match="resolved backend"):
