@@ -6,6 +6,8 @@ One process, one model, the same pairs for every variant:
   plain          two sequences per pair ([prompt+chosen], [prompt+rejected]), the image in each, full logits
                  (what TRL's ORPOTrainer does; `modeling.reference.plain_logps`)
   packed_sdpa    one row [prompt, chosen, rejected] per pair, dense bool mask (`shared_prefix.dense_mask`)
+  packed_pairs   the same row, attention over each pair's own tokens only: two SDPA calls a layer, no mask
+                 (`modeling.attention`)
   packed_flex    the same row with a FlexAttention BlockMask (`shared_prefix.block_mask`)
   <variant>_xN   N pairs per step: plain batches 2N sequences; packed puts all N pairs in one row
 

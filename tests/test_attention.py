@@ -13,7 +13,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from vlm_orpo.data.packing import PackedCollator
 from vlm_orpo.modeling import attention
-from vlm_orpo.modeling.backends import packs_pairs
+from vlm_orpo.modeling.backends import packs_pairs, row_cap
 from vlm_orpo.modeling.reference import plain_batch
 from vlm_orpo.modeling.shared_prefix import (
     attention_backend,
@@ -137,3 +137,5 @@ def test_auto_and_the_packing_policy():
     assert packs_pairs("pairs") and packs_pairs("flex")
     with pytest.raises(ValueError, match="resolved backend"):
         packs_pairs("auto")
+    # the collator's cap: the configured one where packing cannot lose, a pair per row with the dense mask
+    assert row_cap(4096, "sdpa") is None and row_cap(4096, "pairs") == 4096 and row_cap(None, "flex") is None

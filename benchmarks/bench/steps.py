@@ -17,7 +17,7 @@ from vlm_orpo.modeling.shared_prefix import packed_logps, unwrap
 
 from .flops import packed_work, plain_work
 
-BASE_VARIANTS = ("plain", "packed_sdpa", "packed_flex")
+BASE_VARIANTS = ("plain", "packed_sdpa", "packed_pairs", "packed_flex")
 LOSS = LossConfig(type="orpo", orpo_lambda=0.1)
 
 
@@ -26,7 +26,7 @@ class Variant:
     """What to measure: a base variant at a number of pairs per step, with or without grad checkpointing."""
 
     name: str
-    base: str  # plain | packed_sdpa | packed_flex
+    base: str  # plain | packed_sdpa | packed_pairs | packed_flex
     n_pairs: int
     grad_checkpointing: bool
 
@@ -63,7 +63,7 @@ def prepare_step(model, base: str, pairs: list[EncodedPair], device, dtype, pad_
     assert batch["input_ids"].shape[0] == 1, "all pairs of a step must share one row"
     work = packed_work(pairs, batch)
     batch = to_device(batch, device, dtype)
-    return Step(lambda: packed_logps(model, batch), work, "flex" if base == "packed_flex" else "sdpa")
+    return Step(lambda: packed_logps(model, batch), work, base.removeprefix("packed_"))
 
 
 def sync(device: torch.device):

@@ -28,6 +28,7 @@ from vlm_orpo.errors import BadRow, first_line
 from vlm_orpo.images import open_image, png_data_url
 from vlm_orpo.data.packing import PackedCollator, PairEncoder, load_pairs
 from vlm_orpo.modeling.load import adapter_config, load_base_model, load_processor
+from vlm_orpo.modeling.backends import row_cap
 from vlm_orpo.modeling.shared_prefix import set_attention_backend
 from vlm_orpo.reporting import columns, plot_comparison, results_table
 from vlm_orpo.scoring import score_batches
@@ -118,12 +119,13 @@ def run(args) -> dict:
     print(report.summary())
     if dataset is None:
         raise ConfigError("no usable pairs to evaluate")
-    collator = PackedCollator(
-        processor.tokenizer.pad_token_id, encoder.image_token_id, cfg.data.max_tokens_per_row, cfg.loss.sft_on_prompt
-    )
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     base = load_base_model(cfg.model, device).eval()
-    set_attention_backend(base, cfg.model.attn_backend)
+    backend = set_attention_backend(base, cfg.model.attn_backend)
+    collator = PackedCollator(
+        processor.tokenizer.pad_token_id, encoder.image_token_id, row_cap(cfg.data.max_tokens_per_row, backend),
+        cfg.loss.sft_on_prompt,
+    )
 
     pope = load_pope(args.pope) if args.pope else None
     rows, generations = [], {}

@@ -33,6 +33,7 @@ from vlm_orpo.config import (
 )
 from vlm_orpo.data.packing import PackedCollator, PairEncoder, load_pairs
 from vlm_orpo.errors import RunStopped, first_line
+from vlm_orpo.modeling.backends import row_cap
 from vlm_orpo.modeling.compile import compile_decoder_layers
 from vlm_orpo.modeling.load import attach_adapter, load_base_model, load_processor, model_family, trainable_parameters
 from vlm_orpo.modeling.shared_prefix import attention_backend, set_attention_backend
@@ -100,7 +101,7 @@ def build_trainer(cfg: RunConfig, args: PreferenceTrainingArguments):
     collator = PackedCollator(
         pad_token_id=processor.tokenizer.pad_token_id,
         image_token_id=encoder.image_token_id,
-        max_tokens_per_row=cfg.data.max_tokens_per_row,
+        max_tokens_per_row=row_cap(cfg.data.max_tokens_per_row, attention_backend(model)),
         sft_on_prompt=cfg.loss.sft_on_prompt,
     )
     if eval_set is None:

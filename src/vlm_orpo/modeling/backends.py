@@ -8,6 +8,10 @@
 - auto: flex on CUDA, pairs elsewhere (the fastest exact one measured there).
 """
 
+import logging
+
+log = logging.getLogger(__name__)
+
 ATTN_BACKENDS = ("auto", "sdpa", "flex", "pairs")
 
 
@@ -18,3 +22,12 @@ def packs_pairs(backend: str) -> bool:
     if backend not in ATTN_BACKENDS or backend == "auto":
         raise ValueError(f"packs_pairs needs a resolved backend (sdpa, flex or pairs), got {backend!r}")
     return backend != "sdpa"
+
+
+def row_cap(max_tokens_per_row: int | None, backend: str) -> int | None:
+    """The packing cap the collator gets: the configured one where packing cannot lose, else a pair per row."""
+    if max_tokens_per_row is not None and not packs_pairs(backend):
+        log.info("attention %s pays for every masked pair of a row: one pair per row (data.max_tokens_per_row "
+                 "applies with the pairs or flex backend)", backend)
+        return None
+    return max_tokens_per_row
