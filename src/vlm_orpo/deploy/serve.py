@@ -25,10 +25,11 @@ from pathlib import Path
 from types import SimpleNamespace
 from urllib.parse import urlsplit
 
-from vlm_orpo.config import ConfigError, positive_int
+from vlm_orpo.config import DTYPES, ConfigError, positive_int
 from vlm_orpo.deploy import serve_guard
 from vlm_orpo.deploy.sidecar import check_port_free, env_python, is_loopback
 from vlm_orpo.images import MAX_IMAGE_PIXELS
+from vlm_orpo.modeling.load import adapter_config
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +86,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--adapter", help="also serve this LoRA adapter unmerged, under its directory's name")
     parser.add_argument("--served-model-name", help="name clients send as `model` (default: the directory name)")
     parser.add_argument(
-        "--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+        "--dtype", default="auto", choices=DTYPES,
         help="compute dtype (auto: vLLM's choice; W4A16 on CPU needs bfloat16 and gets it)",
     )
     parser.add_argument("--max-model-len", type=positive_int, help="context length (default: the model's)")
@@ -273,12 +274,9 @@ def media_domain(domain: str) -> str:
 def adapter_args(adapter: str) -> list[str]:
     """vLLM's flags to serve a LoRA adapter unmerged (vLLM refuses it for models without LoRA support)."""
     path = Path(adapter).expanduser()
-    adapter_config = path / "adapter_config.json"
-    if not adapter_config.is_file():
-        raise ConfigError(f"not a PEFT adapter directory (no adapter_config.json): {adapter}")
+    lora = adapter_config(path)
     if not (path / "adapter_model.safetensors").is_file():
         raise ConfigError(f"{adapter} has no adapter_model.safetensors; only safetensors are served")
-    lora = json.loads(adapter_config.read_text())
     if lora.get("modules_to_save"):
         raise ConfigError(f"{adapter} also trains {lora['modules_to_save']}; vLLM cannot apply that: merge it")
     rank = next((r for r in VLLM_LORA_RANKS if r >= lora["r"]), None)
