@@ -46,10 +46,10 @@ ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = str(ROOT / "configs" / "quickstart.yaml")
 
 
-def run_cli(*args, env=None, timeout=900, module="vlm_orpo.cli"):
+def run_cli(*args, env=None, timeout=900, module="vlm_orpo.cli", cwd=None):
     """Run `vlm-orpo ARGS` in a fresh process, as a user would."""
     return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True,
-                          env=dict(env or os.environ), timeout=timeout)
+                          env=dict(env or os.environ), timeout=timeout, cwd=cwd)
 
 
 @pytest.fixture(scope="session")

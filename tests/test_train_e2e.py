@@ -20,8 +20,8 @@ from conftest import QUICKSTART, run_cli
 pytestmark = pytest.mark.slow
 
 
-def cli(*args, env=None, check=True, timeout=900):
-    result = run_cli(*args, env=env, timeout=timeout)
+def cli(*args, env=None, check=True, timeout=900, cwd=None):
+    result = run_cli(*args, env=env, timeout=timeout, cwd=cwd)
     if check and result.returncode != 0:
         raise AssertionError(f"vlm-orpo {' '.join(args)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
     return result
@@ -284,3 +284,65 @@ def test_a_full_disk_is_one_line_naming_the_directory_and_what_was_kept(asset_ca
     [line] = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert f"no space left on the device of {tmp_path / 'run'} at step 4" in line
     assert "kept: best/;" in line and "--resume" in line  # best/ of the step-0 evaluation; no checkpoint yet
+
+
+def test_trackers_write_inside_the_run_with_the_metrics_file_names(asset_cache, tmp_path):
+    """TensorBoard and wandb (offline) land in output_dir, with metrics.jsonl's names, the config and the table."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = tmp_path / "run"
+    env = dict(os.environ, WANDB_MODE="offline", WANDB_SILENT="true")
+    cli("train", "--config", QUICKSTART, f"training.output_dir={run}", "training.max_steps=4",
+        "training.eval_steps=2", "training.save_strategy=no", "training.logging_steps=1",
+        "training.per_device_train_batch_size=4", "data.eval_limit=8", "training.report_to=[tensorboard, wandb]",
+        env=env, cwd=tmp_path)
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "wandb").exists()  # nothing beside the run
+    logged = {key for r in records(run) for key, v in r.items() if isinstance(v, float) and key != "step"}
+    [events] = (run / "tensorboard").glob("events.out.tfevents.*")
+    board = EventAccumulator(str(events), size_guidance={"scalars": 0, "tensors": 0}).Reload()
+    assert logged <= set(board.Tags()["scalars"]) and {"loss", "eval_loss", "rewards/accuracies"} <= logged
+    assert [e.step for e in board.Scalars("eval_loss")] == [0, 2, 4]
+    texts = set(board.Tags()["tensors"])
+    assert {"config/text_summary", "results/text_summary"} <= texts
+    assert b"Pref. accuracy" in board.Tensors("results/text_summary")[0].tensor_proto.string_val[0]
+    [wandb_run] = (run / "wandb").glob("offline-run-*/run-*.wandb")
+    history = wandb_history(wandb_run)
+    assert {"loss", "eval_loss", "rewards/accuracies"} <= set().union(*history) and len(history) >= 4
+
+
+def wandb_history(path: Path) -> list[dict]:
+    """The logged rows of an offline wandb run file: a LevelDB-style log (7-byte file header, 32 KiB blocks of
+    records with a 7-byte header: crc, length, type full/first/middle/last) of protobuf `Record`s. wandb 0.31 no
+    longer ships a Python reader for it."""
+    import struct
+
+    from wandb.proto import wandb_internal_pb2
+
+    data, block, pos, pending, rows = path.read_bytes(), 32768, 7, b"", []
+    assert data[:4] == b":W&B"
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:  # no room for a record header: the rest of the block is padding
+            pos += block - pos % block
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        pending += data[pos + 7:pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):  # a full record, or the last piece of one
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(pending)
+            pending = b""
+            if record.WhichOneof("record_type") == "history":
+                rows.append({item.key or "/".join(item.nested_key): json.loads(item.value_json)
+                             for item in record.history.item})
+    return rows
+
+
+def test_a_tracker_whose_package_is_missing_is_one_line(tmp_path, capsys, monkeypatch):
+    import importlib.util
+
+    from test_cli import assert_one_line_error
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
+    result = train_in_process(capsys, f"training.output_dir={tmp_path / 'run'}", "training.report_to=wandb")
+    assert_one_line_error(result, "training.report_to=wandb needs the wandb package", "vlm-orpo[track]")

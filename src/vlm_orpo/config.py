@@ -224,6 +224,11 @@ class RunConfig:
     def output_dir(self) -> str:
         return self.training.get("output_dir") or PreferenceTrainingArguments.__dataclass_fields__["output_dir"].default
 
+    def as_dict(self) -> dict[str, Any]:
+        """The config as its sections (what trackers and model cards record)."""
+        return {**{name: dataclasses.asdict(getattr(self, name)) for name in ("data", "model", "lora", "loss")},
+                "training": dict(self.training)}
+
     def training_args(self, **overrides) -> PreferenceTrainingArguments:
         return build_dataclass(PreferenceTrainingArguments, {**self.training, **overrides}, "training")
 

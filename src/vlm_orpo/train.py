@@ -39,6 +39,7 @@ from vlm_orpo.modeling.load import attach_adapter, load_base_model, load_process
 from vlm_orpo.modeling.shared_prefix import attention_backend, set_attention_backend
 from vlm_orpo.reporting import plot_training, read_jsonl, results_table
 from vlm_orpo.run_dir import BEST, FINAL, METRICS, SUMMARY, RunDir
+from vlm_orpo.trackers import RunTrackers, take_trackers
 from vlm_orpo.trainer import CompactProgress, FiniteGuard, MetricsFile, PreferenceTrainer
 
 log = logging.getLogger(__name__)
@@ -148,6 +149,7 @@ def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False) -> Path
     """Train into `cfg.output_dir`; every check that needs no model runs before the model loads."""
     start = time.perf_counter()
     args = training_arguments(cfg)
+    trackers = take_trackers(args)  # ours write inside the run directory; a missing package is one line now
     run = RunDir(cfg.output_dir)
     if resume and run.finished_step() is not None:
         print(f"{run.path} finished at step {run.finished_step()}: nothing to resume (final/ is its adapter; "
@@ -178,6 +180,9 @@ def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False) -> Path
                 run.truncate_metrics(int(checkpoint.name.split("-")[-1]))
         trainer.accelerator.wait_for_everyone()
         trainer.add_callback(MetricsFile(run / METRICS))
+        run_trackers = RunTrackers(trackers, run.path, cfg.as_dict()) if trackers and main_process else None
+        if run_trackers is not None:
+            trainer.add_callback(run_trackers)
         if main_process:
             print(plan(cfg, trainer.args, trainer, report), flush=True)
         with stopped_cleanly(trainer, run):
@@ -194,7 +199,9 @@ def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False) -> Path
                 trainer.evaluate()  # Trainer evaluates at the last step itself when eval_strategy is steps
             trainer.save_model_atomically(FINAL, "run.json", {"step": trainer.state.global_step})
             if main_process:
-                write_summary(run.path, cfg.loss, time.perf_counter() - start, report)
+                summary = write_summary(run.path, cfg.loss, time.perf_counter() - start, report)
+                if run_trackers is not None:
+                    run_trackers.finish(summary)
     finally:
         run.unlock()
     return run.path
@@ -234,7 +241,8 @@ def _disk_full(exc: BaseException, path: Path) -> bool:
         return False
 
 
-def write_summary(out: Path, loss: LossConfig, seconds: float, report) -> None:
+def write_summary(out: Path, loss: LossConfig, seconds: float, report) -> str:
+    """Print the run's results table and write summary.md with the curves; returns the printed text."""
     records = read_jsonl(out / METRICS)
     evals = [r for r in records if "eval_loss" in r]
     rows = []
@@ -250,9 +258,11 @@ def write_summary(out: Path, loss: LossConfig, seconds: float, report) -> None:
     text = [f"# Run summary: {out.name}", ""]
     text += [results_table(rows, loss), ""] if rows else ["No validation split, so no results table.", ""]
     text += [f"Wall time: {seconds:.0f} s. {report.summary()}", ""]
-    print("\n".join(text), flush=True)
+    printed = "\n".join(text)
+    print(printed, flush=True)
     text += [f"![{p.stem}]({p.name})" for p in plots]
     (out / SUMMARY).write_text("\n".join(text) + "\n")
+    return printed
 
 
 def dry_run(cfg: RunConfig) -> str:
@@ -268,6 +278,7 @@ def dry_run(cfg: RunConfig) -> str:
     if not on_gpu:
         notes.append("no GPU here: the training arguments were checked as if on CPU (bf16/qlora runs need a GPU)")
     args = cfg.training_args(**({} if on_gpu else {"use_cpu": True}))  # builds and checks every training value
+    take_trackers(args)
     source = cfg.data.source
     path = local_source_path(source) if source != BUNDLED else None
     if path is not None and not path.exists():
