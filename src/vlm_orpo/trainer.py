@@ -9,6 +9,7 @@ and renamed, so a kill never leaves half of one.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import time
@@ -22,14 +23,17 @@ from transformers.trainer_callback import ProgressCallback
 from transformers.trainer_utils import rotate_checkpoints
 from transformers.training_args import ParallelMode
 
+from vlm_orpo.cards import CardFacts, write_training_card
 from vlm_orpo.config import LossConfig
 from vlm_orpo.errors import RunStopped
 from vlm_orpo.losses import pair_losses
 from vlm_orpo.modeling.shared_prefix import packed_logps
 from vlm_orpo.reference import reference_for
 from vlm_orpo.reporting import ACCURACY
-from vlm_orpo.run_dir import BEST
+from vlm_orpo.run_dir import BEST, METRICS
 from vlm_orpo.scoring import score_batches
+
+log = logging.getLogger(__name__)
 
 BEST_METRICS = {"loss": ("eval_loss", min), "accuracy": (f"eval_{ACCURACY}", max)}
 
@@ -46,6 +50,7 @@ class PreferenceTrainer(Trainer):
         self._pairs_since_log = 0
         self._last_log_time = time.perf_counter()
         self.evaluated_at_step: int | None = None
+        self.card_facts: CardFacts | None = None  # set by train.py: every saved adapter then gets a model card
 
     def train(self, *args, **kwargs):
         self._last_log_time = time.perf_counter()  # pairs/s counts training, not model loading or the base eval
@@ -111,10 +116,28 @@ class PreferenceTrainer(Trainer):
         self.save_model(str(staging))
         if self.args.should_save:
             (staging / record_name).write_text(json.dumps(record))
+            self._write_card(staging, name)
             shutil.rmtree(out / name, ignore_errors=True)
             os.replace(staging, out / name)
         self.accelerator.wait_for_everyone()
         return out / name
+
+    def _write_card(self, folder: Path, name: str) -> None:
+        """README.md of a saved folder, over PEFT's empty template; a card that fails costs a warning, not the run."""
+        if self.card_facts is None:
+            return
+        args = self.args
+        batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
+        scheduler = getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type)
+        optimisation = (f"lr {args.learning_rate:g} ({scheduler}), {batch} rows per step "
+                        f"({args.per_device_train_batch_size} x accumulation {args.gradient_accumulation_steps} x "
+                        f"{args.world_size} processes), seed {args.seed}")
+        try:
+            write_training_card(folder, self.card_facts, name, step=self.state.global_step, epoch=self.state.epoch,
+                                max_steps=self.state.max_steps or None, optimisation=optimisation,
+                                metrics_path=Path(args.output_dir) / METRICS)
+        except Exception as exc:  # noqa: BLE001
+            log.warning("no model card in %s: %s", folder, exc)
 
     def _save_checkpoint(self, model, trial):
         """Write the checkpoint into a staging folder, then rename it: a kill mid-save leaves no half checkpoint.
@@ -133,6 +156,7 @@ class PreferenceTrainer(Trainer):
         if best is not None and Path(best).parent == Path(staging):  # Trainer saw the checkpoint in staging
             self.state.best_model_checkpoint = os.path.join(run_dir, Path(best).name)
         if self.args.should_save:
+            self._write_card(Path(staging) / name, name)
             shutil.rmtree(os.path.join(run_dir, name), ignore_errors=True)
             os.replace(os.path.join(staging, name), os.path.join(run_dir, name))
             if best != self.state.best_model_checkpoint:

@@ -14,6 +14,7 @@ import logging
 import re
 from pathlib import Path
 
+from vlm_orpo.cards import write_merged_card
 from vlm_orpo.config import DTYPES, ConfigError, ModelConfig
 from vlm_orpo.errors import first_line
 
@@ -98,6 +99,7 @@ def merge_adapter(
     processor.save_pretrained(out)  # tokenizer, image processor and chat_template.jinja
     record = {"base": cfg.name_or_path, "adapter": str(adapter.absolute()), "dtype": str(model.dtype)}
     (out / MERGE_RECORD).write_text(json.dumps(record, indent=2) + "\n")
+    write_merged_card(out, adapter, cfg.name_or_path, revision, str(model.dtype))
     log.info("merged %s into %s -> %s", adapter, cfg.name_or_path, out)
     return out
 

@@ -20,6 +20,7 @@ import sys
 import time
 from pathlib import Path
 
+from vlm_orpo.cards import write_quantized_card
 from vlm_orpo.config import ConfigError, positive_int
 from vlm_orpo.deploy.sidecar import env_python
 
@@ -186,6 +187,10 @@ def quantize(model: str, scheme: str, out: str, data: str = "bundled", split: st
     model_obj.save_pretrained(out_dir, save_compressed=True)
     processor.save_pretrained(out_dir)
     add_ignore_patterns(out_dir / "config.json", ignore)
+    preset, how = SCHEMES[scheme]
+    calibration = ({"data": data, "split": split, "samples": kwargs["num_calibration_samples"], "seed": seed,
+                    "max answer tokens": max_answer_tokens} if calibrates(scheme) else None)
+    write_quantized_card(out_dir, model, scheme, preset, how, calibration)
     return out_dir
 
 
