@@ -43,6 +43,11 @@ def test_quickstart_improves_and_saves_loadable_adapters(quickstart_run, asset_c
     assert "ORPO loss (λ = 1)" in summary and "best (step" in summary
     for plot in ("orpo_loss.png", "sft_loss.png", "or_loss.png", "preference_accuracy.png"):
         assert (run / plot).stat().st_size > 1000
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(run / "final" / "README.md")  # ours, not PEFT's empty template
+    assert "vlm-orpo" in card.data.tags and "ORPO loss (λ = 1)" in card.text
+    assert "[More Information Needed]" not in card.text and "| base (step 0) |" in card.text
     train_logs = [r for r in records(run) if "rewards/accuracies" in r]
     assert train_logs and all("pairs_per_s" in r and "log_odds_chosen" in r for r in train_logs)
 

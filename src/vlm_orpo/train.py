@@ -21,6 +21,7 @@ from transformers import TrainerState, set_seed
 from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_callback import ProgressCallback
 
+from vlm_orpo.cards import CardFacts
 from vlm_orpo.config import (
     DEFAULT_ORPO_LAMBDA,
     LOSS_TYPES,
@@ -169,6 +170,7 @@ def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False) -> Path
         run.lock()
     try:
         trainer, report = build_trainer(cfg, args)
+        trainer.card_facts = CardFacts.from_run(cfg, report)  # best/, final/ and checkpoints get a model card
         if main_process:
             for stale in (".staging", f".{BEST}.tmp", f".{FINAL}.tmp"):
                 shutil.rmtree(run / stale, ignore_errors=True)

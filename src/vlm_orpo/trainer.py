@@ -181,12 +181,15 @@ class FiniteGuard(TrainerCallback):
     """Stop before an optimizer step that would write a non-finite gradient into the weights.
 
     A NaN or inf loss makes NaN gradients, so checking the gradients catches both. The check runs once per
-    optimizer step, after gradients are reduced across processes, so every process stops at the same step."""
+    optimizer step, after gradients are reduced across processes, so every process stops at the same step.
+    With fp16 the gradients are loss-scaled and an inf is routine: the GradScaler skips that step itself."""
 
     def __init__(self, model):
         self.params = [p for p in model.parameters() if p.requires_grad]
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        if args.fp16:
+            return
         grads = [p.grad for p in self.params if p.grad is not None]
         if grads and not torch.stack([g.isfinite().all() for g in grads]).all():
             raise RunStopped(
