@@ -16,7 +16,9 @@ def data_copy(asset_cache, tmp_path, monkeypatch):
     """The bundled train split in a folder and a datasets cache of this test's own, so no other test shares it."""
     import shutil
 
-    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf-cache"))
+    import datasets
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf-cache")  # read at load time
     path = tmp_path / "train.parquet"
     shutil.copy(asset_cache["train"], path)
     return str(path)
