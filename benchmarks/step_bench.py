@@ -4,7 +4,7 @@
 One process, one model, the same pairs for every variant:
 
   plain          two sequences per pair ([prompt+chosen], [prompt+rejected]), the image in each, full logits
-                 (what TRL's ORPOTrainer does; `modeling.reference.plain_logps`)
+                 (what TRL's ORPOTrainer does; `modeling.plain.plain_logps`)
   packed_sdpa    one row [prompt, chosen, rejected] per pair, dense bool mask (`shared_prefix.dense_mask`)
   packed_pairs   the same row, attention over each pair's own tokens only: two SDPA calls a layer, no mask
                  (`modeling.attention`)
@@ -280,7 +280,7 @@ def measure(b: Bench, v: Variant, values: dict) -> tuple[dict, tuple | None, dic
 
 
 def check_reference(b: Bench, report: Report, n: int):
-    """Forward-only values of `modeling.reference.plain_logps` (the tests' oracle) head the loss check."""
+    """Forward-only values of `modeling.plain.plain_logps` (the tests' oracle) head the loss check."""
     name = "plain_logps" + pairs_suffix(n)
     set_attention_backend(b.model, "sdpa")
     try:

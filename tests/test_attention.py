@@ -14,7 +14,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from vlm_orpo.data.packing import PackedCollator
 from vlm_orpo.modeling import attention
 from vlm_orpo.modeling.backends import packs_pairs, row_cap
-from vlm_orpo.modeling.reference import plain_batch
+from vlm_orpo.data.packing import PlainCollator
 from vlm_orpo.modeling.shared_prefix import (
     attention_backend,
     dense_mask,
@@ -108,7 +108,8 @@ def test_no_token_by_token_mask_reaches_the_pairs_attention(monkeypatch):
 def test_without_a_layout_pairs_is_sdpa():
     """Generation and plain padded forwards (no layout) get SDPA with transformers' own masks."""
     pairs = llava15_pairs(3)
-    batch, _ = plain_batch(pairs, 0)
+    plain = PlainCollator(0, -1)(pairs)
+    batch = {"input_ids": plain["input_ids"], "attention_mask": plain["attention_mask"], **plain["images"]}
     assert (batch["attention_mask"] == 0).any(), "the plain batch must be padded"
     prompt = {"input_ids": torch.tensor([pairs[0].prompt_ids]), **pairs[0].image_inputs}
     outputs = {}

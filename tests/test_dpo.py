@@ -18,7 +18,7 @@ from vlm_orpo.errors import ConfigError
 from vlm_orpo.losses import pair_losses
 from vlm_orpo.modeling.families import family_for
 from vlm_orpo.modeling.load import attach_adapter
-from vlm_orpo.modeling.reference import plain_logps
+from vlm_orpo.modeling.plain import plain_pair_logps
 from vlm_orpo.modeling.shared_prefix import packed_logps, set_attention_backend
 from vlm_orpo.reference import AdapterDisabled, FrozenModel, reference_for
 from vlm_orpo.scoring import score_batches
@@ -82,8 +82,8 @@ def test_packed_reference_equals_the_plain_forward_with_the_adapter_disabled(ass
     with torch.no_grad():
         policy = packed_logps(model, batch)
         with model.disable_adapter():
-            plain = plain_logps(model, pairs, pad_id)
-        untouched = plain_logps(base_model(asset_cache), pairs, pad_id)  # a fresh base: the reference by definition
+            plain = plain_pair_logps(model, pairs, pad_id)
+        untouched = plain_pair_logps(base_model(asset_cache), pairs, pad_id)  # a fresh base: the reference by definition
     assert rel_err(ref.chosen_sum, plain.chosen_sum) <= RTOL and rel_err(ref.rejected_sum, plain.rejected_sum) <= RTOL
     assert rel_err(ref.chosen_sum, untouched.chosen_sum) <= RTOL
     assert rel_err(ref.rejected_sum, untouched.rejected_sum) <= RTOL

@@ -68,7 +68,7 @@ def test_per_pair_file_matches_a_plain_forward(evaluated, asset_cache, tiny_proc
     from transformers import AutoModelForImageTextToText
 
     from vlm_orpo.data.packing import EncodedPair
-    from vlm_orpo.modeling.reference import plain_logps
+    from vlm_orpo.modeling.plain import plain_pair_logps
 
     run, out, _ = evaluated
     records = [json.loads(line) for line in (out / "pairs.jsonl").read_text().splitlines()]
@@ -89,7 +89,7 @@ def test_per_pair_file_matches_a_plain_forward(evaluated, asset_cache, tiny_proc
     base = [r for r in records if r["model"] == "base"][:4]
     pairs = [EncodedPair(r["idx"], r["prompt_ids"], r["chosen_ids"], r["rejected_ids"], images[r["idx"]]) for r in base]
     with torch.no_grad():
-        plain = plain_logps(model, pairs, tiny_processor.tokenizer.pad_token_id)
+        plain = plain_pair_logps(model, pairs, tiny_processor.tokenizer.pad_token_id)
     torch.testing.assert_close(plain.chosen, torch.tensor([r["chosen_logp"] for r in base]), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(plain.rejected, torch.tensor([r["rejected_logp"] for r in base]), rtol=1e-5, atol=1e-5)
 

@@ -19,7 +19,7 @@ from vlm_orpo.data.packing import EncodedPair, PackedCollator, Part
 from vlm_orpo.losses import pair_losses
 from vlm_orpo.modeling.families import family_for
 from vlm_orpo.modeling.load import lora_target_regex
-from vlm_orpo.modeling.reference import plain_logps
+from vlm_orpo.modeling.plain import plain_pair_logps
 from vlm_orpo.modeling.shared_prefix import dense_mask, packed_logps, set_attention_backend
 
 LOGP_RTOL, GRAD_RTOL = 1e-5, 1e-4
@@ -98,7 +98,7 @@ def assert_equivalent(model, pairs, pad_id, image_token_id, max_tokens_per_row, 
     collator = PackedCollator(pad_id, image_token_id, max_tokens_per_row=max_tokens_per_row)
     batch = collator(pairs)
     packed, packed_terms, packed_grads = grads_and_loss(model, lambda: packed_logps(model, batch))
-    plain, plain_terms, plain_grads = grads_and_loss(model, lambda: plain_logps(model, pairs, pad_id))
+    plain, plain_terms, plain_grads = grads_and_loss(model, lambda: plain_pair_logps(model, pairs, pad_id))
 
     assert rel_err(packed.chosen, plain.chosen) <= LOGP_RTOL
     assert rel_err(packed.rejected, plain.rejected) <= LOGP_RTOL

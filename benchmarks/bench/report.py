@@ -161,7 +161,7 @@ def loss_check(values: dict, results: dict, dtype, reference: dict | None = None
     """Within each pairs/step group: every variant's loss and per-pair mean log-probs against the first one.
 
     `reference` ({name: (pairs_per_step, values)}) goes first in its group: forward-only values of
-    `modeling.reference.plain_logps`, and the plain variants of a --baseline file measured with the same seed
+    `modeling.plain.plain_logps`, and the plain variants of a --baseline file measured with the same seed
     (so the same weights and pairs), so a run without plain is still checked.
     """
     rtol = LOSS_RTOL[dtype]

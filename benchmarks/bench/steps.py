@@ -10,9 +10,9 @@ from dataclasses import dataclass
 import torch
 
 from vlm_orpo.config import LossConfig
-from vlm_orpo.data.packing import EncodedPair, PackedCollator
+from vlm_orpo.data.packing import EncodedPair, PackedCollator, PlainCollator
 from vlm_orpo.losses import pair_losses
-from vlm_orpo.modeling.reference import plain_batch, plain_batch_logps, plain_logps
+from vlm_orpo.modeling.plain import plain_logps, plain_pair_logps
 from vlm_orpo.modeling.shared_prefix import packed_logps, unwrap
 
 from .flops import packed_work, plain_work
@@ -52,12 +52,11 @@ def to_device(batch: dict, device: torch.device, dtype: torch.dtype) -> dict:
 
 
 def prepare_step(model, base: str, pairs: list[EncodedPair], device, dtype, pad_id: int, image_id: int) -> Step:
-    """Plain: `modeling.reference`'s two sequences per pair with full logits (TRL's layout); packed: all pairs
+    """Plain: `modeling.plain`'s two sequences per pair with full logits (TRL's layout); packed: all pairs
     in one shared-prefix row (the model holds the attention backend, set by the caller from `Step.backend`)."""
     if base == "plain":
-        batch, answers = plain_batch(pairs, pad_id)
-        batch, answers = to_device(batch, device, dtype), to_device(answers, device, dtype)
-        return Step(lambda: plain_batch_logps(model, batch, answers), plain_work(pairs), "sdpa")
+        batch = to_device(PlainCollator(pad_id, image_id, keep_all_logits=True)(pairs), device, dtype)
+        return Step(lambda: plain_logps(model, batch), plain_work(pairs), "sdpa")
     collator = PackedCollator(pad_id, image_id, max_tokens_per_row=sum(len(p) for p in pairs))
     batch = collator(pairs)
     assert batch["input_ids"].shape[0] == 1, "all pairs of a step must share one row"
@@ -112,8 +111,8 @@ def forward_only_values(compute) -> tuple:
 
 
 def reference_values(model, pairs: list[EncodedPair], pad_id: int) -> tuple:
-    """Loss values from `modeling.reference.plain_logps` itself, the oracle of the tests, for the loss check."""
-    return forward_only_values(lambda: plain_logps(model, pairs, pad_id))
+    """Loss values from `modeling.plain.plain_pair_logps` itself, the oracle of the tests, for the loss check."""
+    return forward_only_values(lambda: plain_pair_logps(model, pairs, pad_id))
 
 
 def free_memory(device):

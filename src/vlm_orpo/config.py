@@ -79,11 +79,15 @@ class DataConfig:
             _check(value is None or value > 0, f"data.{name} must be positive, got {value}")
 
 
+FORWARD_MODES = ("auto", "packed", "plain")
+
+
 @dataclass
 class ModelConfig:
     name_or_path: str = BUNDLED  # "bundled" = the tiny LLaVA-NeXT built by `vlm-orpo assets`
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16
     attn_backend: str = "auto"  # one of modeling.backends.ATTN_BACKENDS (auto: the fastest exact one here)
+    forward_mode: str = "auto"  # auto | packed (shared prefix; an error where unsupported) | plain (two sequences)
     compile_layers: bool | str = "auto"  # torch.compile each decoder layer: auto = on CUDA only
     revision: str | None = None
     trust_remote_code: bool = False
@@ -93,6 +97,8 @@ class ModelConfig:
         _check(self.attn_backend in ATTN_BACKENDS,
                f"model.attn_backend must be one of {', '.join(ATTN_BACKENDS)}, got {self.attn_backend!r}")
         _check(self.compile_layers in (True, False, "auto"), "model.compile_layers must be true, false or auto")
+        _check(self.forward_mode in FORWARD_MODES,
+               f"model.forward_mode must be one of {', '.join(FORWARD_MODES)}, got {self.forward_mode!r}")
 
 
 @dataclass

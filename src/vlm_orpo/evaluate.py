@@ -26,9 +26,9 @@ from vlm_orpo.config import (
 )
 from vlm_orpo.errors import BadRow, first_line
 from vlm_orpo.images import open_image, png_data_url
-from vlm_orpo.data.packing import PackedCollator, PairEncoder, load_pairs
+from vlm_orpo.data.packing import PairEncoder, load_pairs
 from vlm_orpo.modeling.load import adapter_config, load_base_model, load_processor
-from vlm_orpo.modeling.backends import row_cap
+from vlm_orpo.modeling.forward import pair_collator, resolve_forward_mode
 from vlm_orpo.modeling.shared_prefix import set_attention_backend
 from vlm_orpo.reporting import columns, plot_comparison, results_table
 from vlm_orpo.scoring import score_batches
@@ -121,11 +121,10 @@ def run(args) -> dict:
         raise ConfigError("no usable pairs to evaluate")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     base = load_base_model(cfg.model, device).eval()
-    backend = set_attention_backend(base, cfg.model.attn_backend)
-    collator = PackedCollator(
-        processor.tokenizer.pad_token_id, encoder.image_token_id, row_cap(cfg.data.max_tokens_per_row, backend),
-        cfg.loss.sft_on_prompt,
-    )
+    mode = resolve_forward_mode(cfg.model.forward_mode, base.config)
+    set_attention_backend(base, cfg.model.attn_backend if mode == "packed" else "sdpa")
+    collator = pair_collator(mode, base, processor.tokenizer.pad_token_id, encoder.image_token_id,
+                             cfg.data.max_tokens_per_row, cfg.loss.sft_on_prompt)
 
     pope = load_pope(args.pope) if args.pope else None
     rows, generations = [], {}

@@ -22,14 +22,9 @@ import torch
 
 from vlm_orpo.config import ConfigError, LossConfig, ModelConfig
 from vlm_orpo.losses import PairLogps
-from vlm_orpo.modeling.shared_prefix import attention_backend, packed_logps, unwrap
-
-
-def move_batch(batch: dict, device: torch.device) -> dict:
-    """The packed batch on `device`: its tensors, and the image tensors nested under `images`."""
-    moved = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-    moved["images"] = {k: v.to(device) for k, v in batch["images"].items()}
-    return moved
+from vlm_orpo.data.packing import move_batch
+from vlm_orpo.modeling.forward import pair_logps
+from vlm_orpo.modeling.shared_prefix import attention_backend, unwrap
 
 
 def peft_model(model):
@@ -53,7 +48,7 @@ class AdapterDisabled:
 
     def logps(self, model, batch: dict) -> PairLogps:
         with torch.no_grad(), self.peft.disable_adapter():
-            return packed_logps(model, batch)
+            return pair_logps(model, batch)
 
 
 class FrozenModel:
@@ -73,7 +68,7 @@ class FrozenModel:
     def logps(self, model, batch: dict) -> PairLogps:
         home = batch["input_ids"].device
         with torch.no_grad():
-            logps = packed_logps(self.model, move_batch(batch, self.device) if home != self.device else batch)
+            logps = pair_logps(self.model, move_batch(batch, self.device) if home != self.device else batch)
         return PairLogps(**{
             f.name: None if getattr(logps, f.name) is None else getattr(logps, f.name).to(home)
             for f in dataclasses.fields(logps)

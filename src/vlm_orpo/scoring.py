@@ -12,8 +12,9 @@ import torch
 
 from vlm_orpo.config import LossConfig
 from vlm_orpo.losses import pair_losses
-from vlm_orpo.modeling.shared_prefix import packed_logps
-from vlm_orpo.reference import move_batch, reference_for
+from vlm_orpo.modeling.forward import pair_logps
+from vlm_orpo.data.packing import move_batch
+from vlm_orpo.reference import reference_for
 
 
 @dataclass
@@ -54,7 +55,7 @@ def score_batches(model, batches, loss_cfg: LossConfig, gather=None, reference=N
             if gather is None:
                 meta.extend(batch.get("meta", []))
             ref = reference.logps(model, batch) if reference is not None else None
-            logps = packed_logps(model, batch)
+            logps = pair_logps(model, batch)
             per_pair = {**pair_losses(logps, loss_cfg, ref), "answer:chosen": logps.chosen, "answer:rejected": logps.rejected}
             for name, value in per_pair.items():
                 value = value.float()

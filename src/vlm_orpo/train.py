@@ -32,9 +32,9 @@ from vlm_orpo.config import (
     add_config_arguments,
     load_config,
 )
-from vlm_orpo.data.packing import PackedCollator, PairEncoder, load_pairs
+from vlm_orpo.data.packing import PairEncoder, PlainCollator, load_pairs
 from vlm_orpo.errors import RunStopped, first_line
-from vlm_orpo.modeling.backends import row_cap
+from vlm_orpo.modeling.forward import pair_collator, resolve_forward_mode
 from vlm_orpo.modeling.compile import compile_decoder_layers
 from vlm_orpo.modeling.load import attach_adapter, load_base_model, load_processor, model_family, trainable_parameters
 from vlm_orpo.modeling.shared_prefix import attention_backend, set_attention_backend
@@ -96,16 +96,13 @@ def build_trainer(cfg: RunConfig, args: PreferenceTrainingArguments):
     if train_set is None:
         raise ConfigError(f"no usable training pairs in {cfg.data.source!r} ({report.summary()})")
     model = load_base_model(cfg.model, args.device, quantize_4bit=cfg.lora.method == "qlora")
-    set_attention_backend(model, cfg.model.attn_backend)
+    mode = resolve_forward_mode(cfg.model.forward_mode, model.config)
+    set_attention_backend(model, cfg.model.attn_backend if mode == "packed" else "sdpa")
     model = attach_adapter(model, family, cfg.lora, args.gradient_checkpointing)
     if cfg.model.compile_layers is True or (cfg.model.compile_layers == "auto" and args.device.type == "cuda"):
         compile_decoder_layers(model)
-    collator = PackedCollator(
-        pad_token_id=processor.tokenizer.pad_token_id,
-        image_token_id=encoder.image_token_id,
-        max_tokens_per_row=row_cap(cfg.data.max_tokens_per_row, attention_backend(model)),
-        sft_on_prompt=cfg.loss.sft_on_prompt,
-    )
+    collator = pair_collator(mode, model, processor.tokenizer.pad_token_id, encoder.image_token_id,
+                             cfg.data.max_tokens_per_row, cfg.loss.sft_on_prompt)
     if eval_set is None:
         args.eval_strategy = "no"
     trainer = PreferenceTrainer(
@@ -128,7 +125,8 @@ def plan(cfg: RunConfig, args, trainer: PreferenceTrainer | None = None, report=
     if trainer is not None:
         trainable, total = trainable_parameters(trainer.model)
         lines.append(f"trainable parameters: {trainable:,} of {total:,} ({trainable / total:.2%})")
-        lines.append(f"attention backend: {attention_backend(trainer.model)}")
+        lines.append("forward: plain, two sequences per pair" if isinstance(trainer.data_collator, PlainCollator)
+                     else f"forward: packed shared prefix, attention backend {attention_backend(trainer.model)}")
         lines.append(f"train pairs: {len(trainer.train_dataset)}")
         eval_n = len(trainer.eval_dataset) if trainer.eval_dataset is not None else 0
         lines.append(f"validation pairs: {eval_n}")

@@ -27,7 +27,7 @@ from vlm_orpo.cards import CardFacts, write_training_card
 from vlm_orpo.config import LossConfig
 from vlm_orpo.errors import RunStopped
 from vlm_orpo.losses import pair_losses
-from vlm_orpo.modeling.shared_prefix import packed_logps
+from vlm_orpo.modeling.forward import pair_logps
 from vlm_orpo.reference import reference_for
 from vlm_orpo.reporting import ACCURACY
 from vlm_orpo.run_dir import BEST, METRICS
@@ -59,7 +59,7 @@ class PreferenceTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         # the reference first: its no-grad activations are freed before the policy's are kept for backward
         ref = self.reference.logps(model, inputs) if self.reference is not None else None
-        metrics = pair_losses(packed_logps(model, inputs), self.loss_cfg, ref)
+        metrics = pair_losses(pair_logps(model, inputs), self.loss_cfg, ref)
         loss = metrics.pop("loss").mean()
         if model.training:
             for name, value in metrics.items():

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Any
 
@@ -30,6 +30,8 @@ class Part(IntEnum):
 
 
 PAD = -1  # the span of padding
+# processor outputs that hold one value per prompt token (not image tensors): answers and padding get 0
+TOKEN_INPUTS = ("token_type_ids", "mm_token_type_ids")
 
 
 @dataclass
@@ -41,6 +43,8 @@ class EncodedPair:
     chosen_ids: list[int]
     rejected_ids: list[int]
     image_inputs: dict[str, torch.Tensor]  # e.g. pixel_values [1, patches, 3, h, w] and image_sizes [1, 2]
+    # the processor's per-token tensors of the prompt (e.g. Gemma 3's token_type_ids [1, P]); answer tokens get 0
+    prompt_token_inputs: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.prompt_ids) + len(self.chosen_ids) + len(self.rejected_ids)
@@ -161,12 +165,14 @@ class PairEncoder:
         )
         prompt_ids = inputs.pop("input_ids")[0].tolist()
         inputs.pop("attention_mask", None)
+        token_inputs = {key: inputs.pop(key) for key in TOKEN_INPUTS if key in inputs}
         return EncodedPair(
             idx=row["idx"],
             prompt_ids=prompt_ids,
             chosen_ids=self.answer_ids(row["question"], row["chosen"], prompt),
             rejected_ids=self.answer_ids(row["question"], row["rejected"], prompt),
             image_inputs=dict(inputs),
+            prompt_token_inputs=token_inputs,
         )
 
 
@@ -207,6 +213,13 @@ def collate_image_inputs(per_pair: list[dict[str, torch.Tensor]]) -> dict[str, t
     return out
 
 
+def move_batch(batch: dict, device: torch.device) -> dict:
+    """A collated batch on `device`: its tensors, and the image tensors nested under `images`."""
+    moved = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    moved["images"] = {k: v.to(device) for k, v in batch["images"].items()}
+    return moved
+
+
 def pack_rows(lengths: list[int], max_tokens_per_row: int | None) -> list[list[int]]:
     """Greedy in-order packing; a pair longer than the cap gets a row of its own (never cut)."""
     if max_tokens_per_row is None:
@@ -223,14 +236,70 @@ def pack_rows(lengths: list[int], max_tokens_per_row: int | None) -> list[list[i
     return rows
 
 
+class _Targets:
+    """Every scored token of a batch: (row, predicting position, target id, segment = len(Part) * pair + part)."""
+
+    def __init__(self, image_token_id: int, sft_on_prompt: bool):
+        self.image_token_id = image_token_id
+        self.sft_on_prompt = sft_on_prompt
+        self.rows: list[tuple[int, int, int, int]] = []
+
+    def prompt(self, pair_no: int, ids: list[int], row: int, start: int) -> None:
+        """The prompt's text tokens (not its first, not image tokens), when the prompt is scored (sft_on_prompt)."""
+        if self.sft_on_prompt:
+            self.rows += [(row, start + k - 1, ids[k], len(Part) * pair_no + Part.PROMPT)
+                          for k in range(1, len(ids)) if ids[k] != self.image_token_id]
+
+    def answer(self, pair_no: int, part: Part, ids: list[int], row: int, start: int, first_predictor: int) -> None:
+        """An answer at `start` of `row`: its first token is predicted by the prompt's last token, the rest by their
+        own predecessors."""
+        self.rows += [(row, first_predictor if j == 0 else start + j - 1, tok, len(Part) * pair_no + part)
+                      for j, tok in enumerate(ids)]
+
+    def tensors(self, n_pairs: int, keep_all_logits: bool = False) -> dict[str, torch.Tensor]:
+        """logits_to_keep (the predicting positions, or 0 = all of them) and where each target sits in the logits."""
+        t_row, t_pos, t_ids, t_seg = (torch.tensor(col, dtype=torch.long) for col in zip(*self.rows))
+        if keep_all_logits:
+            keep, t_col = torch.tensor(0), t_pos
+        else:
+            keep, t_col = torch.unique(t_pos, sorted=True, return_inverse=True)
+        segment_tokens = torch.bincount(t_seg, minlength=len(Part) * n_pairs)
+        return {
+            "logits_to_keep": keep,
+            "target_row": t_row,
+            "target_col": t_col,
+            "target_ids": t_ids,
+            "target_segment": t_seg,
+            "segment_tokens": segment_tokens.view(n_pairs, len(Part)),
+        }
+
+
+def _meta(pairs: list[EncodedPair]) -> list[dict]:
+    return [{"idx": p.idx, "prompt_ids": p.prompt_ids, "chosen_ids": p.chosen_ids, "rejected_ids": p.rejected_ids}
+            for p in pairs]
+
+
+def _token_inputs(pairs: list[EncodedPair], shape: tuple[int, int], placements: list[tuple[int, int, int]]) -> dict:
+    """The prompts' per-token processor tensors laid out like input_ids: (pair, row, start) per prompt; 0 elsewhere."""
+    out = {}
+    for key in pairs[0].prompt_token_inputs:
+        values = torch.zeros(shape, dtype=pairs[0].prompt_token_inputs[key].dtype)
+        for i, row, start in placements:
+            prompt = pairs[i].prompt_token_inputs[key][0]
+            values[row, start : start + len(prompt)] = prompt
+        out[key] = values
+    return out
+
+
 class PackedCollator:
     """Builds the packed batch consumed by `modeling.shared_prefix.packed_logps`.
 
-    Keys: input_ids, position_ids, pair_index, span ([rows, T]); logits_to_keep (row positions whose hidden
-    state predicts a scored token); target_row/target_col/target_ids/target_segment ([targets]);
-    segment_tokens ([pairs, len(Part)]); meta (per pair: idx and the token ids exactly as fed); images (the
-    processor's image tensors, one image per pair in row order). The prompt's text tokens are scored (their
-    segment counts are non-zero) exactly when the collator was built with `sft_on_prompt`.
+    Keys: layout ("packed"); input_ids, position_ids, pair_index, span ([rows, T]); the prompts' per-token
+    processor tensors (`TOKEN_INPUTS`, [rows, T]); logits_to_keep (row positions whose hidden state predicts a
+    scored token); target_row/target_col/target_ids/target_segment ([targets]); segment_tokens ([pairs,
+    len(Part)]); meta (per pair: idx and the token ids exactly as fed); images (the processor's image tensors,
+    one image per pair in row order). The prompt's text tokens are scored (their segment counts are non-zero)
+    exactly when the collator was built with `sft_on_prompt`.
     """
 
     def __init__(
@@ -253,35 +322,28 @@ class PackedCollator:
         position_ids = torch.zeros(shape, dtype=torch.long)
         pair_index = torch.full(shape, -1, dtype=torch.long)
         span = torch.full(shape, PAD, dtype=torch.long)
-        # (row, predicting position, target token, segment) for every scored token
-        targets: list[tuple[int, int, int, int]] = []
+        targets = _Targets(self.image_token_id, self.sft_on_prompt)
+        placements = []
         for r, row in enumerate(rows):  # in-order packing keeps pairs, and so images, in row-major order
             start = 0
             for i in row:
                 self._place(pairs[i], r, start, i, input_ids, position_ids, pair_index, span, targets)
+                placements.append((i, r, start))
                 start += len(pairs[i])
-        t_row, t_pos, t_ids, t_seg = (torch.tensor(col, dtype=torch.long) for col in zip(*targets))
-        keep, t_col = torch.unique(t_pos, sorted=True, return_inverse=True)
-        segment_tokens = torch.bincount(t_seg, minlength=len(Part) * len(pairs))
         return {
+            "layout": "packed",
             "input_ids": input_ids,
             "position_ids": position_ids,
             "pair_index": pair_index,
             "span": span,
-            "logits_to_keep": keep,
-            "target_row": t_row,
-            "target_col": t_col,
-            "target_ids": t_ids,
-            "target_segment": t_seg,
-            "segment_tokens": segment_tokens.view(len(pairs), len(Part)),
-            "meta": [
-                {"idx": p.idx, "prompt_ids": p.prompt_ids, "chosen_ids": p.chosen_ids, "rejected_ids": p.rejected_ids}
-                for p in pairs
-            ],
+            **_token_inputs(pairs, shape, placements),
+            **targets.tensors(len(pairs)),
+            "meta": _meta(pairs),
             "images": collate_image_inputs([p.image_inputs for p in pairs]),
         }
 
-    def _place(self, pair, r, start, pair_no, input_ids, position_ids, pair_index, span, targets):
+    @staticmethod
+    def _place(pair, r, start, pair_no, input_ids, position_ids, pair_index, span, targets: _Targets):
         P, C, R = len(pair.prompt_ids), len(pair.chosen_ids), len(pair.rejected_ids)
         end = start + P + C + R
         input_ids[r, start:end] = torch.tensor(pair.prompt_ids + pair.chosen_ids + pair.rejected_ids)
@@ -291,17 +353,55 @@ class PackedCollator:
         span[r, start : start + P] = Part.PROMPT
         span[r, start + P : start + P + C] = Part.CHOSEN
         span[r, start + P + C : end] = Part.REJECTED
-        seg = len(Part) * pair_no
-        if self.sft_on_prompt:
-            for k in range(1, P):
-                if pair.prompt_ids[k] != self.image_token_id:
-                    targets.append((r, start + k - 1, pair.prompt_ids[k], seg + Part.PROMPT))
-        for j, tok in enumerate(pair.chosen_ids):
-            targets.append((r, start + P + j - 1, tok, seg + Part.CHOSEN))
-        for j, tok in enumerate(pair.rejected_ids):
-            # the first rejected token is predicted by the last prompt token, like the first chosen one
-            predictor = start + P - 1 if j == 0 else start + P + C + j - 1
-            targets.append((r, predictor, tok, seg + Part.REJECTED))
+        targets.prompt(pair_no, pair.prompt_ids, r, start)
+        targets.answer(pair_no, Part.CHOSEN, pair.chosen_ids, r, start + P, start + P - 1)
+        # the first rejected token is predicted by the last prompt token, like the first chosen one
+        targets.answer(pair_no, Part.REJECTED, pair.rejected_ids, r, start + P + C, start + P - 1)
+
+
+class PlainCollator:
+    """The plain batch of `modeling.plain.plain_logps`: `[prompt + chosen]` and `[prompt + rejected]` as two
+    right-padded sequences per pair (all chosen, then all rejected), each with its own copy of the image.
+
+    It is what TRL, LLaMA-Factory and ms-swift feed a VLM, and the path of every model that the packed forward
+    does not support. Keys as `PackedCollator`'s (layout "plain", attention_mask instead of position_ids,
+    pair_index and span), so losses, metrics and reports read both alike. `keep_all_logits` runs the LM head
+    over every position, as the peers do (the step benchmark's plain baseline); by default it runs only where a
+    scored token is predicted, which gives the same numbers.
+    """
+
+    def __init__(self, pad_token_id: int, image_token_id: int, sft_on_prompt: bool = False,
+                 keep_all_logits: bool = False):
+        self.pad_token_id = pad_token_id
+        self.image_token_id = image_token_id
+        self.sft_on_prompt = sft_on_prompt
+        self.keep_all_logits = keep_all_logits
+
+    def __call__(self, pairs: list[EncodedPair]) -> dict[str, Any]:
+        n = len(pairs)
+        seqs = [p.prompt_ids + p.chosen_ids for p in pairs] + [p.prompt_ids + p.rejected_ids for p in pairs]
+        shape = (len(seqs), max(map(len, seqs)))
+        input_ids = torch.full(shape, self.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros(shape, dtype=torch.long)
+        for r, seq in enumerate(seqs):
+            input_ids[r, : len(seq)] = torch.tensor(seq)
+            attention_mask[r, : len(seq)] = 1
+        targets = _Targets(self.image_token_id, self.sft_on_prompt)
+        for i, p in enumerate(pairs):
+            P = len(p.prompt_ids)
+            targets.prompt(i, p.prompt_ids, i, 0)
+            targets.answer(i, Part.CHOSEN, p.chosen_ids, i, P, P - 1)
+            targets.answer(i, Part.REJECTED, p.rejected_ids, n + i, P, P - 1)
+        placements = [(i % n, i, 0) for i in range(2 * n)]
+        return {
+            "layout": "plain",
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            **_token_inputs(pairs, shape, placements),
+            **targets.tensors(n, self.keep_all_logits),
+            "meta": _meta(pairs),
+            "images": collate_image_inputs([p.image_inputs for p in pairs] * 2),
+        }
 
 
 def load_pairs(data_cfg, encoder: PairEncoder, *, train: bool = True, limit: int | None = None):

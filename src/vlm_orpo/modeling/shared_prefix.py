@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import torch
 
-from vlm_orpo.data.packing import Part
+from vlm_orpo.data.packing import TOKEN_INPUTS, Part
 from vlm_orpo.losses import PairLogps
 from vlm_orpo.modeling import attention
 from vlm_orpo.modeling.backends import ATTN_BACKENDS
 from vlm_orpo.modeling.families import family_for
-
-_LOGSOFTMAX_CHUNK = 2048  # target tokens per fp32 log-softmax chunk
+from vlm_orpo.modeling.logps import answer_logps
 
 
 def unwrap(model):
@@ -30,12 +29,17 @@ def unwrap(model):
 _IMPLEMENTATIONS = {"sdpa": "sdpa", "flex": "flex_attention", "pairs": attention.IMPLEMENTATION}  # transformers' names
 
 
-def resolve_backend(backend: str, device: torch.device) -> str:
-    """`auto` is the fastest exact backend measured on the device: FlexAttention on CUDA, pairs elsewhere."""
+def resolve_backend(backend: str, device: torch.device, supported: tuple[str, ...] = ("pairs", "sdpa", "flex")) -> str:
+    """`auto` is the fastest exact backend measured on the device that the family supports: FlexAttention on
+    CUDA, pairs elsewhere, then the family's own order (`supported`, e.g. Gemma 3's dense sdpa masks only)."""
     if backend not in ATTN_BACKENDS:
         raise ValueError(f"attention backend must be one of {ATTN_BACKENDS}, got {backend!r}")
     if backend == "auto":
-        return "flex" if device.type == "cuda" else "pairs"
+        fastest = ("flex", "pairs", "sdpa") if device.type == "cuda" else ("pairs", "sdpa")
+        return next(b for b in (*fastest, *supported) if b in supported)
+    if backend not in supported:
+        raise ValueError(f"attention backend {backend!r} does not support this model family; it supports "
+                         f"{', '.join(supported)}")
     return backend
 
 
@@ -44,7 +48,7 @@ def set_attention_backend(model, backend: str) -> str:
 
     The model is the one holder of this choice: `attention_backend` reads it back."""
     hf = unwrap(model)
-    resolved = resolve_backend(backend, hf.device)
+    resolved = resolve_backend(backend, hf.device, family_for(hf.config).backends)
     hf.set_attn_implementation({"text_config": _IMPLEMENTATIONS[resolved]})
     return resolved
 
@@ -92,39 +96,19 @@ def attention_inputs(backend: str, pair_index: torch.Tensor, span: torch.Tensor)
     return {"attention_mask": build(pair_index, span)}
 
 
-def token_logps(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """log p(target) per row of [N, vocab] logits, in fp32 chunks so no [N, vocab] fp32 copy exists at once."""
-    out = []
-    for start in range(0, logits.shape[0], _LOGSOFTMAX_CHUNK):
-        chunk = logits[start : start + _LOGSOFTMAX_CHUNK].float()
-        tgt = targets[start : start + _LOGSOFTMAX_CHUNK, None]
-        out.append(chunk.gather(-1, tgt).squeeze(-1) - torch.logsumexp(chunk, dim=-1))
-    return torch.cat(out)
-
-
 def packed_logps(model, batch: dict) -> PairLogps:
     """Per-pair summed answer log-probs from one forward over packed rows (see `data.packing`)."""
     hf = unwrap(model)
     family = family_for(hf.config)
+    backend = attention_backend(hf)
+    mask = family.attention_inputs(hf, batch, backend) or attention_inputs(backend, batch["pair_index"], batch["span"])
     outputs = model(
         input_ids=batch["input_ids"],
-        **attention_inputs(attention_backend(hf), batch["pair_index"], batch["span"]),
+        **mask,
         position_ids=family.position_ids(hf, batch),
         logits_to_keep=batch["logits_to_keep"],
         use_cache=False,
+        **{key: batch[key] for key in TOKEN_INPUTS if key in batch},
         **batch["images"],
     )
-    logits = outputs.logits[batch["target_row"], batch["target_col"]]
-    logps = token_logps(logits, batch["target_ids"])
-    counts = batch["segment_tokens"]
-    sums = torch.zeros(counts.numel(), dtype=logps.dtype, device=logps.device)
-    sums = sums.index_add(0, batch["target_segment"], logps).view(-1, len(Part))
-    has_prompt = bool(counts[:, Part.PROMPT].any())  # the collator scored the prompt's text (sft_on_prompt)
-    return PairLogps(
-        chosen_sum=sums[:, Part.CHOSEN],
-        rejected_sum=sums[:, Part.REJECTED],
-        chosen_tokens=counts[:, Part.CHOSEN].to(logps.dtype),
-        rejected_tokens=counts[:, Part.REJECTED].to(logps.dtype),
-        prompt_sum=sums[:, Part.PROMPT] if has_prompt else None,
-        prompt_tokens=counts[:, Part.PROMPT].to(logps.dtype) if has_prompt else None,
-    )
+    return answer_logps(outputs.logits, batch)
