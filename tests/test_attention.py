@@ -7,7 +7,8 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from test_shared_prefix import llava15, llava15_pairs, lora_model, rel_err
+from equivalence import lora_model, rel_err
+from test_shared_prefix import llava15, llava15_pairs
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 

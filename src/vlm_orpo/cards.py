@@ -86,8 +86,8 @@ def _data_hub_id(source: str) -> str | None:
 
 
 def _model_line(name: str, revision: str | None = None) -> str:
-    if name == BUNDLED:
-        text = "the bundled tiny LLaVA-NeXT (`vlm-orpo assets`)"
+    if name.partition(":")[0] == BUNDLED:
+        text = f"the bundled tiny {name.partition(':')[2] or 'llava_next'} model (`vlm-orpo assets`)"
     elif hub_id(name):
         text = f"[{name}](https://huggingface.co/{name})"
     else:

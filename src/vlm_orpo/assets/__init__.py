@@ -1,16 +1,20 @@
-"""Offline assets: a tiny LLaVA-NeXT model and a synthetic visual preference dataset.
+"""Offline assets: tiny random models of each supported family and a synthetic visual preference dataset.
 
-Both are generated deterministically from a fixed seed (no download) and cached under
-`cache_root` on first use::
+All are generated deterministically from a fixed seed (no download) and cached under `cache_root` on first
+use::
 
-    from vlm_orpo.assets import ensure_assets
+    from vlm_orpo.assets import ensure_assets, ensure_tiny_model
     paths = ensure_assets()
-    paths["tiny_model"], paths["train"], paths["validation"]
+    paths["tiny_model"], paths["train"], paths["validation"]   # the tiny LLaVA-NeXT and the data
+    ensure_tiny_model("qwen2_5_vl")                            # another family's tiny model, built on demand
+
+A config names them as `model.name_or_path: bundled` (LLaVA-NeXT) or `bundled:FAMILY` (`TINY_MODELS`).
 """
 
 from __future__ import annotations
 
 import fcntl
+import importlib
 import os
 import shutil
 from contextlib import contextmanager
@@ -27,6 +31,8 @@ __all__ = [
     "build_tiny_model",
     "cache_root",
     "ensure_assets",
+    "ensure_tiny_model",
+    "TINY_MODELS",
     "run",
     "score_answer",
 ]
@@ -36,6 +42,20 @@ ASSETS_VERSION = "assets-v2"
 SEED = 0
 TINY_MODEL_DIRNAME = "tiny-llava-next"
 SYNTHETIC_DIRNAME = "synthetic"
+DEFAULT_TINY_MODEL = "llava_next"
+# family -> "module:function" under vlm_orpo.assets; the function builds the tiny model into a directory from a seed
+TINY_MODELS = {
+    "llava_next": "tiny_model:build_tiny_model",
+    "llava_onevision": "tiny_llava_like:build_llava_onevision",
+    "internvl": "tiny_llava_like:build_internvl",
+    "mistral3": "tiny_llava_like:build_mistral3",
+    "qwen2_vl": "tiny_qwen:build_qwen2_vl",
+    "qwen2_5_vl": "tiny_qwen:build_qwen2_5_vl",
+    "qwen3_vl": "tiny_qwen:build_qwen3_vl",
+    "gemma3": "tiny_gemma3:build_gemma3",
+    "idefics3": "tiny_idefics3:build_idefics3",
+    "smolvlm": "tiny_idefics3:build_smolvlm",
+}
 
 
 def cache_root() -> Path:
@@ -99,21 +119,40 @@ def ensure_assets(root: Path | None = None) -> dict[str, str]:
     return {k: str(v) for k, v in paths.items()}
 
 
-HELP = "build (if needed) and show the bundled tiny model and synthetic data"
+def ensure_tiny_model(name: str, root: Path | None = None) -> str:
+    """The tiny model of family `name` (a key of `TINY_MODELS`), built under the asset cache if missing."""
+    if name not in TINY_MODELS:
+        raise ValueError(f"no bundled tiny model {name!r}; there are: {', '.join(TINY_MODELS)}")
+    if name == DEFAULT_TINY_MODEL:
+        return ensure_assets(root)["tiny_model"]
+    root = (Path(root).expanduser() if root is not None else cache_root()).absolute()
+    model_dir = root / ASSETS_VERSION / f"tiny-{name.replace('_', '-')}"
+    if not _model_ready(model_dir):
+        with _file_lock(root / f"{ASSETS_VERSION}.lock"):
+            if not _model_ready(model_dir):
+                module, function = TINY_MODELS[name].split(":")
+                getattr(importlib.import_module(f"{__name__}.{module}"), function)(model_dir, seed=SEED)
+    return str(model_dir)
+
+
+HELP = "build (if needed) and show the bundled tiny models and synthetic data"
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--json", action="store_true", help='print {"tiny_model": DIR, "train": PATH, "validation": PATH}')
+    parser.add_argument("--json", action="store_true",
+                        help='print {"tiny_model": DIR, "train": PATH, "validation": PATH, "tiny_models": {FAMILY: DIR}}')
 
 
 def run(args) -> None:
-    """`vlm-orpo assets`."""
+    """`vlm-orpo assets`: builds every bundled tiny model (each family's takes seconds) and the data."""
     import json
 
-    paths = ensure_assets()
+    paths = {**ensure_assets(), "tiny_models": {name: ensure_tiny_model(name) for name in TINY_MODELS}}
     if args.json:
         print(json.dumps(paths))
         return
     print("Bundled assets (built on first use, offline):")
-    for name, path in paths.items():
-        print(f"  {name:<11} {path}")
+    for name in ("tiny_model", "train", "validation"):
+        print(f"  {name:<11} {paths[name]}")
+    for name, path in paths["tiny_models"].items():
+        print(f"  {'bundled:' + name:<22} {path}")

@@ -23,6 +23,7 @@ __all__ = [
     "VOCAB_SIZE",
     "build_tiny_model",
     "build_tokenizer",
+    "train_bpe",
     "tokenizer_corpus",
 ]
 
@@ -134,14 +135,14 @@ def tokenizer_corpus() -> list[str]:
 
     lines = text_corpus()
     lines += [line for line in _ENGLISH_FILLER.splitlines() if line.strip()]
-    # Chat-formatted samples, so that the pieces around the special tokens are learned too.
-    lines += [f"{INST} {IMAGE}\n{q} {INST_END} {a}{EOS}" for q, a in zip(lines[:40], lines[40:80])]
     return lines
 
 
-def build_tokenizer():
-    """Train the byte-level BPE tokenizer (`tokenizers.Tokenizer`); deterministic."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+def train_bpe(special_tokens: list[str], chat_lines: list[str] = ()):
+    """A byte-level BPE `tokenizers.Tokenizer` trained on `tokenizer_corpus()` plus `chat_lines` (chat-formatted
+    samples, so the pieces around a family's special tokens are learned), with `special_tokens` as ids 0..n-1.
+    Deterministic; every family's tiny model builds its tokenizer with it."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE(unk_token=None, fuse_unk=False, byte_fallback=False))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
@@ -149,18 +150,28 @@ def build_tokenizer():
     trainer = trainers.BpeTrainer(
         vocab_size=VOCAB_SIZE,
         min_frequency=1,
-        special_tokens=SPECIAL_TOKENS,
+        special_tokens=list(special_tokens),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(tokenizer_corpus(), trainer=trainer)
+    tok.train_from_iterator(tokenizer_corpus() + list(chat_lines), trainer=trainer)
+    for i, t in enumerate(special_tokens):
+        assert tok.token_to_id(t) == i, (t, tok.token_to_id(t))
+    return tok
+
+
+def build_tokenizer():
+    """The LLaVA-NeXT tokenizer (`tokenizers.Tokenizer`): BOS prepended like Mistral/Llama; deterministic."""
+    from tokenizers import processors
+
+    lines = tokenizer_corpus()
+    chat = [f"{INST} {IMAGE}\n{q} {INST_END} {a}{EOS}" for q, a in zip(lines[:40], lines[40:80])]
+    tok = train_bpe(SPECIAL_TOKENS, chat)
     bos_id = tok.token_to_id(BOS)
     # Like Mistral/Llama: prepend <s> to every encoded sequence (add_special_tokens=True).
     tok.post_processor = processors.TemplateProcessing(
         single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, bos_id)]
     )
-    for i, t in enumerate(SPECIAL_TOKENS):
-        assert tok.token_to_id(t) == i, (t, tok.token_to_id(t))
     return tok
 
 

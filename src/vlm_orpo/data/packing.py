@@ -59,6 +59,10 @@ class PairEncoder:
         self.max_answer_tokens = max_answer_tokens
         self.max_prompt_tokens = max_prompt_tokens
         self.image_token_id = self.tokenizer.convert_tokens_to_ids(processor.image_token)
+        # what the chat template writes for an image before the processor expands it: the image token itself, or
+        # a begin-of-image token (Gemma 3 writes `<start_of_image>`)
+        boi = getattr(processor, "boi_token", None)
+        self.placeholder_ids = {self.image_token_id} | ({self.tokenizer.convert_tokens_to_ids(boi)} if boi else set())
         self.eos_token_id = self.tokenizer.eos_token_id
         control = {t.content for t in self.tokenizer.added_tokens_decoder.values()} | set(self.tokenizer.all_special_tokens)
         # text that the tokenizer would turn into a control token (`<image>`, `</s>`, `[INST]`) if it were in an answer
@@ -140,7 +144,7 @@ class PairEncoder:
         """Prompt tokens with image tokens expanded, from the image size alone (no pixel work)."""
         prompt = prompt if prompt is not None else self.prompt_text(question)
         text_ids = self.tokenizer(prompt, **self.prompt_tokenizer_kwargs(prompt))["input_ids"]
-        placeholders = text_ids.count(self.image_token_id)
+        placeholders = sum(text_ids.count(i) for i in self.placeholder_ids)
         if placeholders != 1:
             raise BadRow("bad question", f"the prompt holds {placeholders} image placeholders; a pair has one image")
         height, width = image_size

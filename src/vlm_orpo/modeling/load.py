@@ -28,10 +28,14 @@ def adapter_config(path: str | Path) -> dict:
 
 
 def resolve_model_path(name_or_path: str) -> str:
-    if name_or_path == BUNDLED:
-        from vlm_orpo.assets import ensure_assets
+    if name_or_path == BUNDLED or name_or_path.startswith(BUNDLED + ":"):
+        from vlm_orpo.assets import DEFAULT_TINY_MODEL, ensure_tiny_model
 
-        return ensure_assets()["tiny_model"]
+        family = name_or_path.partition(":")[2] or DEFAULT_TINY_MODEL
+        try:
+            return ensure_tiny_model(family)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
     path = Path(name_or_path).expanduser()
     if name_or_path.startswith((".", "/", "~")) and not path.exists():
         raise ConfigError(f"model path not found: {path}")

@@ -45,6 +45,15 @@ class ModelFamily:
 _ENTRIES = {
     "llava": "llava:LLAVA",
     "llava_next": "llava:LLAVA",
+    "llava_onevision": "llava:LLAVA_ONEVISION",
+    "internvl": "llava:INTERNVL",
+    "mistral3": "llava:MISTRAL3",
+    "qwen2_vl": "qwen2_vl:QWEN2_VL",
+    "qwen2_5_vl": "qwen2_vl:QWEN2_5_VL",
+    "qwen3_vl": "qwen2_vl:QWEN3_VL",
+    "gemma3": "gemma3:GEMMA3",
+    "idefics3": "idefics3:IDEFICS3",
+    "smolvlm": "idefics3:SMOLVLM",
 }
 
 
