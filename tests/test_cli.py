@@ -99,11 +99,21 @@ def test_a_section_that_is_not_a_mapping_is_one_line_error(tmp_path, capsys):
                           "section 'loss' must be a mapping")
 
 
-def test_unknown_model_family_is_one_line_error(asset_cache, tmp_path):
+def test_a_vlm_with_no_family_is_planned_on_the_plain_forward(asset_cache, tmp_path, capsys, caplog):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "paligemma"}))
-    result = cli("train", "--config", str(ROOT / "configs" / "quickstart.yaml"),
-                 f"model.name_or_path={tmp_path}", "--dry-run")
-    assert_one_line_error(result, "paligemma", "not supported")
+    args = ("train", "--config", QUICKSTART, f"model.name_or_path={tmp_path}")
+    result = main_in_process(capsys, *args, "--dry-run")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "model family: paligemma; forward: plain, two sequences per pair" in result.stdout
+    assert "family paligemma has no shared-prefix support yet: plain two-sequence forward" in caplog.messages
+    assert_one_line_error(main_in_process(capsys, *args, "model.forward_mode=packed", "--dry-run"),
+                          "forward_mode=packed", "family paligemma has no shared-prefix support")
+
+
+def test_a_model_that_is_not_image_text_to_text_is_one_line_error(asset_cache, tmp_path, capsys):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    result = main_in_process(capsys, "train", "--config", QUICKSTART, f"model.name_or_path={tmp_path}", "--dry-run")
+    assert_one_line_error(result, "'bert' is not an image-text-to-text model")
 
 
 def test_missing_config_file_is_one_line_error():

@@ -292,10 +292,12 @@ def dry_run(cfg: RunConfig) -> str:
         config = None
         notes.append(f"model config not reachable here ({type(exc).__name__}); its family is checked when it loads")
     if config is not None:
-        family = model_family(cfg.model)  # raises ConfigError for an unsupported family
+        family = model_family(cfg.model)  # raises ConfigError for a model that is not image-text-to-text
+        mode = resolve_forward_mode(cfg.model.forward_mode, config)
         with torch.device("meta"):  # shapes only: counts parameters of a 7B model without memory
             model = AutoModelForImageTextToText.from_config(config)
             model = attach_adapter(model, family, cfg.lora)
         trainable, total = trainable_parameters(model)
-        notes.append(f"model family: {family.name}; trainable parameters: {trainable:,} of {total:,} ({trainable / total:.2%})")
+        notes.append(f"model family: {family.name}; forward: {'packed shared prefix' if mode == 'packed' else 'plain, two sequences per pair'}; "
+                     f"trainable parameters: {trainable:,} of {total:,} ({trainable / total:.2%})")
     return plan(cfg, args) + "\n" + "\n".join(notes)
