@@ -45,6 +45,13 @@ def test_dry_run_accepts_the_seed_config_offline(asset_cache):
     assert "batch 1 x accumulation 4" in result.stdout
 
 
+def test_dry_run_accepts_the_qwen25vl_config_offline(asset_cache, capsys):
+    result = main_in_process(capsys, "train", "--config", str(ROOT / "configs" / "qwen25vl_rlaifv.yaml"), "--dry-run")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "Qwen/Qwen2.5-VL-7B-Instruct" in result.stdout and "loss dpo (beta 0.1)" in result.stdout
+    assert "batch 2 x accumulation 4" in result.stdout
+
+
 def test_dry_run_of_quickstart_counts_trainable_parameters(asset_cache):
     result = cli("train", "--config", str(ROOT / "configs" / "quickstart.yaml"), "--dry-run")
     assert result.returncode == 0, result.stderr[-2000:]

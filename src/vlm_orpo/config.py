@@ -91,6 +91,8 @@ class ModelConfig:
     compile_layers: bool | str = "auto"  # torch.compile each decoder layer: auto = on CUDA only
     revision: str | None = None
     trust_remote_code: bool = False
+    # passed to AutoProcessor.from_pretrained, e.g. {max_pixels: 1003520} caps Qwen2-VL's image tokens (~1280 here)
+    processor_kwargs: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self):
         _check(self.dtype in DTYPES, f"model.dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")

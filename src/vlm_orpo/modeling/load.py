@@ -64,7 +64,7 @@ def from_pretrained(loader, cfg: ModelConfig, **kwargs):
 
 
 def load_processor(cfg: ModelConfig):
-    return from_pretrained(AutoProcessor, cfg)
+    return from_pretrained(AutoProcessor, cfg, **cfg.processor_kwargs)
 
 
 def model_family(cfg: ModelConfig) -> ModelFamily:
