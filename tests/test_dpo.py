@@ -200,3 +200,39 @@ def test_dpo_quickstart_learns_against_the_disabled_adapter(asset_cache, tmp_pat
     assert "| DPO loss (β = 0.1) | Pref. accuracy |" in result.stdout
     assert "reference: the base model (the same forward with the adapter disabled)" in result.stdout
     assert (run / "dpo_loss.png").stat().st_size > 1000
+
+
+def dpo_run(capsys, out, *overrides):
+    from test_cli import main_in_process
+
+    result = main_in_process(capsys, "train", "--config", str(ROOT / "configs" / "quickstart_dpo.yaml"),
+                             "training.max_steps=3", "training.logging_steps=1", "training.eval_steps=3",
+                             "training.save_steps=3", "data.eval_limit=16", f"training.output_dir={out}", *overrides)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_precomputed_reference_trains_as_the_live_one_and_is_reused_only_while_valid(asset_cache, tmp_path, capsys,
+                                                                                     caplog, method):
+    from vlm_orpo.reference import REFERENCE_FILE
+
+    caplog.set_level("INFO", logger="vlm_orpo.reference")
+    live = dpo_run(capsys, tmp_path / "live", f"lora.method={method}")
+    caplog.clear()
+    pre = dpo_run(capsys, tmp_path / "pre", f"lora.method={method}", "loss.precompute_reference=true")
+    assert any(m.startswith("reference log-probs: one pass of") for m in caplog.messages)
+    assert [r["step"] for r in live] == [r["step"] for r in pre]
+    for a, b in zip(live, pre):  # the same first steps, evaluation included (reference rewards and margins)
+        for key in ("loss", "rewards/margins", "logps/ref_chosen", "eval_loss", "eval_rewards/margins"):
+            if key in a:
+                assert b[key] == pytest.approx(a[key], rel=RTOL, abs=1e-6), (a["step"], key)  # abs: rewards at init are 0
+    assert (tmp_path / "pre" / REFERENCE_FILE).is_file() and not (tmp_path / "live" / REFERENCE_FILE).exists()
+    if method == "full":
+        return
+    caplog.clear()
+    dpo_run(capsys, tmp_path / "pre", "loss.precompute_reference=true", "--overwrite")
+    assert f"reference log-probs: reusing {tmp_path / 'pre' / REFERENCE_FILE}" in caplog.messages
+    caplog.clear()
+    dpo_run(capsys, tmp_path / "pre", "loss.precompute_reference=true", "data.max_answer_tokens=24", "--overwrite")
+    assert any(m.startswith("reference log-probs: one pass of") for m in caplog.messages), "changed data: recomputed"

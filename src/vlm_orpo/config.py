@@ -125,7 +125,7 @@ REFERENCE_FREE_LOSSES = ("orpo", "simpo", "cpo")
 REFERENCE_LOSSES = ("dpo", "ipo", "hinge", "robust", "apo_zero", "sigmoid_norm")
 LOSS_TYPES = REFERENCE_FREE_LOSSES + REFERENCE_LOSSES
 DEFAULT_ORPO_LAMBDA = 0.1  # TRL's ORPOConfig beta and the ORPO paper's lambda; the seed's run set 10
-_REFERENCE_KNOBS = ("beta", "reference_model", "reference_device")
+_REFERENCE_KNOBS = ("beta", "reference_model", "reference_device", "precompute_reference")
 # The knobs each loss reads, besides sft_on_prompt (read wherever there is an NLL term). A knob set away from its
 # default for a loss that does not read it is a warning: it would change nothing.
 LOSS_KNOBS = {
@@ -151,6 +151,8 @@ class LossConfig:
     sft_on_prompt: bool = False  # add the prompt's text tokens to the NLL term (the collator then scores them)
     reference_model: str | None = None  # a frozen reference loaded from here (default: the base model, see reference.py)
     reference_device: str | None = None  # where a frozen reference lives (full fine-tuning); default the model's
+    # one reference pass over the data before training, kept beside the run; then no reference forward per step
+    precompute_reference: bool = False
 
     def __post_init__(self):
         _check(self.type in LOSS_TYPES, f"loss.type must be one of {', '.join(LOSS_TYPES)}, got {self.type!r}")
@@ -183,7 +185,7 @@ class LossConfig:
 
     def knobs(self) -> dict[str, float]:
         """The numbers this loss reads (a zero smoothing or SFT weight left out): the plan line, the table title."""
-        return {k: getattr(self, k) for k in LOSS_KNOBS[self.type] if not k.startswith("reference_")
+        return {k: getattr(self, k) for k in LOSS_KNOBS[self.type] if type(getattr(self, k)) in (int, float)
                 and (getattr(self, k) or k not in ("label_smoothing", "sft_weight"))}
 
     def describe(self) -> str:

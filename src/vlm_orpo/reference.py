@@ -7,6 +7,9 @@
 - `loss.reference_model`: that model, loaded once and frozen (any adapter method).
 - Scoring a plain model with no reference configured (`vlm-orpo evaluate`'s base row): the model is its own
   reference, so its rewards are 0.
+- `loss.precompute_reference`: any of the above, run once over the train and validation sets before training
+  (`precompute`); the log-probs are kept beside the run, keyed by what decides them, and ride in the batch, so a
+  step has no reference forward and a full fine-tune drops its frozen copy.
 
 Each kind has `logps(model, batch) -> PairLogps`, where `model` is the policy as the caller holds it (possibly
 wrapped by DDP) and `batch` the packed batch of `data.packing.PackedCollator`.
@@ -17,14 +20,23 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
+import hashlib
+import json
+import logging
+from pathlib import Path
 
 import torch
 
 from vlm_orpo.config import ConfigError, LossConfig, ModelConfig
+from vlm_orpo.data.packing import PairDataset, Part, move_batch
 from vlm_orpo.losses import PairLogps
-from vlm_orpo.data.packing import move_batch
 from vlm_orpo.modeling.forward import pair_logps
+from vlm_orpo.modeling.logps import sums_to_pair_logps
 from vlm_orpo.modeling.shared_prefix import attention_backend, unwrap
+
+log = logging.getLogger(__name__)
+
+REFERENCE_FILE = "reference_logps.safetensors"  # in the run directory
 
 
 def peft_model(model):
@@ -111,3 +123,70 @@ def _load_reference(name_or_path: str, device: str, dtype: str, backend: str):
     model = load_base_model(ModelConfig(name_or_path=name_or_path, dtype=dtype), torch.device(device))
     set_attention_backend(model, backend)
     return model.eval().requires_grad_(False)
+
+
+class Precomputed:
+    """Reference log-probs computed before training (`precompute`), read from the batch: no forward at all."""
+
+    def __init__(self, what: str):
+        self.what = what
+
+    def __str__(self) -> str:
+        return f"precomputed log-probs of {self.what}"
+
+    def logps(self, model, batch: dict) -> PairLogps:
+        if "reference_logps" not in batch:
+            raise ValueError("loss.precompute_reference: this batch carries no reference log-probs")
+        return sums_to_pair_logps(batch["reference_logps"], batch["segment_tokens"])
+
+
+def precompute(reference, model, datasets: dict[str, PairDataset], collator, batch_size: int, path: Path,
+               facts: dict) -> Precomputed:
+    """Run `reference` once over `datasets` and attach its per-pair log-prob sums to them; kept in `path`.
+
+    The file is keyed by `facts` (model, revision, dtype, reference), the reference's kind and each dataset's
+    fingerprint (its rows, tokenizer, template and length limits): a resume with the same key reads it, any
+    change computes it again, so stale log-probs are never used."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    key = hashlib.sha256(json.dumps(
+        {**facts, "reference": str(reference), "data": {name: d.fingerprint for name, d in datasets.items()}},
+        sort_keys=True, default=str).encode()).hexdigest()
+    tensors = None
+    if path.is_file():
+        with safe_open(path, "pt") as f:
+            if (f.metadata() or {}).get("key") == key and set(f.keys()) == set(datasets):
+                tensors = {name: f.get_tensor(name) for name in datasets}
+                log.info("reference log-probs: reusing %s", path)
+    if tensors is None:
+        log.info("reference log-probs: one pass of %s over %s", reference,
+                 ", ".join(f"{len(d)} {name} pairs" for name, d in datasets.items()))
+        tensors = {name: _reference_sums(reference, model, d, collator, batch_size) for name, d in datasets.items()}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(path.name + ".partial")
+        save_file(tensors, partial, metadata={"key": key, "facts": json.dumps(facts, default=str)})
+        partial.replace(path)
+    for name, dataset in datasets.items():
+        dataset.reference_logps = tensors[name]
+    return Precomputed(str(reference))
+
+
+@torch.no_grad()
+def _reference_sums(reference, model, dataset: PairDataset, collator, batch_size: int) -> torch.Tensor:
+    """[pairs, len(Part)] reference log-prob sums (prompt, chosen, rejected) in dataset order."""
+
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collator)
+    sums = []
+    try:
+        for batch in loader:
+            logps = reference.logps(model, move_batch(batch, device))
+            prompt = logps.prompt_sum if logps.prompt_sum is not None else torch.zeros_like(logps.chosen_sum)
+            parts = {Part.PROMPT: prompt, Part.CHOSEN: logps.chosen_sum, Part.REJECTED: logps.rejected_sum}
+            sums.append(torch.stack([parts[p] for p in Part], dim=1).float().cpu())
+    finally:
+        model.train(was_training)
+    return torch.cat(sums)

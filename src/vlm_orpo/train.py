@@ -41,6 +41,7 @@ from vlm_orpo.modeling.shared_prefix import attention_backend, set_attention_bac
 from vlm_orpo.reporting import plot_training, read_jsonl, results_table
 from vlm_orpo.run_dir import BEST, FINAL, METRICS, SUMMARY, RunDir
 from vlm_orpo.trackers import RunTrackers, take_trackers
+from vlm_orpo.reference import REFERENCE_FILE, precompute
 from vlm_orpo.trainer import CompactProgress, FiniteGuard, MetricsFile, PreferenceTrainer
 
 log = logging.getLogger(__name__)
@@ -117,6 +118,14 @@ def build_trainer(cfg: RunConfig, args: PreferenceTrainingArguments):
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(CompactProgress)
     trainer.add_callback(FiniteGuard(model))
+    if cfg.loss.precompute_reference and trainer.reference is not None:
+        datasets = {name: d for name, d in (("train", train_set), ("validation", eval_set)) if d is not None}
+        facts = {"model": cfg.model.name_or_path, "revision": cfg.model.revision, "dtype": str(model.dtype),
+                 "reference_model": cfg.loss.reference_model}
+        with args.main_process_first(local=False, desc="reference log-probs"):  # one process computes, all read
+            trainer.reference = precompute(trainer.reference, model, datasets, collator,
+                                           args.per_device_eval_batch_size, Path(args.output_dir) / REFERENCE_FILE,
+                                           facts)
     return trainer, report
 
 

@@ -45,6 +45,8 @@ class EncodedPair:
     image_inputs: dict[str, torch.Tensor]  # e.g. pixel_values [1, patches, 3, h, w] and image_sizes [1, 2]
     # the processor's per-token tensors of the prompt (e.g. Gemma 3's token_type_ids [1, P]); answer tokens get 0
     prompt_token_inputs: dict[str, torch.Tensor] = field(default_factory=dict)
+    # precomputed reference log-prob sums [len(Part)] (prompt, chosen, rejected), when loss.precompute_reference
+    reference_logps: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.prompt_ids) + len(self.chosen_ids) + len(self.rejected_ids)
@@ -186,15 +188,24 @@ class PairDataset(torch.utils.data.Dataset):
     def __init__(self, rows, encoder: PairEncoder):
         self.rows = rows
         self.encoder = encoder
+        self.reference_logps: torch.Tensor | None = None  # [pairs, len(Part)], set by `reference.precompute`
 
     def __len__(self) -> int:
         return len(self.rows)
 
+    @property
+    def fingerprint(self) -> str:
+        """What the rows are (the datasets library's fingerprint of the selection) and how they are encoded."""
+        return json.dumps([getattr(self.rows, "_fingerprint", None), len(self.rows), self.encoder.cache_key])
+
     def __getitem__(self, i: int) -> EncodedPair:
         try:
-            return self.encoder.encode(self.rows[i])
+            pair = self.encoder.encode(self.rows[i])
         except (BadRow, StopIteration) as exc:  # a StopIteration here would silently end the DataLoader's epoch
             raise RuntimeError(f"pair {i} passed validation but failed to encode: {exc!r}") from exc
+        if self.reference_logps is not None:
+            pair.reference_logps = self.reference_logps[i]
+        return pair
 
 
 def collate_image_inputs(per_pair: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -278,6 +289,13 @@ class _Targets:
         }
 
 
+def _reference_logps(pairs: list[EncodedPair]) -> dict:
+    """The pairs' precomputed reference log-prob sums as one [pairs, len(Part)] tensor, when they carry them."""
+    if pairs[0].reference_logps is None:
+        return {}
+    return {"reference_logps": torch.stack([p.reference_logps for p in pairs])}
+
+
 def _meta(pairs: list[EncodedPair]) -> list[dict]:
     return [{"idx": p.idx, "prompt_ids": p.prompt_ids, "chosen_ids": p.chosen_ids, "rejected_ids": p.rejected_ids}
             for p in pairs]
@@ -342,6 +360,7 @@ class PackedCollator:
             "span": span,
             **_token_inputs(pairs, shape, placements),
             **targets.tensors(len(pairs)),
+            **_reference_logps(pairs),
             "meta": _meta(pairs),
             "images": collate_image_inputs([p.image_inputs for p in pairs]),
         }
@@ -403,6 +422,7 @@ class PlainCollator:
             "attention_mask": attention_mask,
             **_token_inputs(pairs, shape, placements),
             **targets.tensors(n, self.keep_all_logits),
+            **_reference_logps(pairs),
             "meta": _meta(pairs),
             "images": collate_image_inputs([p.image_inputs for p in pairs] * 2),
         }

@@ -28,13 +28,17 @@ def answer_logps(logits: torch.Tensor, batch: dict) -> PairLogps:
     logps = token_logps(logits[batch["target_row"], batch["target_col"]], batch["target_ids"])
     counts = batch["segment_tokens"]
     sums = torch.zeros(counts.numel(), dtype=logps.dtype, device=logps.device)
-    sums = sums.index_add(0, batch["target_segment"], logps).view(-1, len(Part))
+    return sums_to_pair_logps(sums.index_add(0, batch["target_segment"], logps).view(-1, len(Part)), counts)
+
+
+def sums_to_pair_logps(sums: torch.Tensor, counts: torch.Tensor) -> PairLogps:
+    """PairLogps from [pairs, len(Part)] log-prob sums and token counts (`segment_tokens`)."""
     has_prompt = bool(counts[:, Part.PROMPT].any())  # the collator scored the prompt's text (sft_on_prompt)
     return PairLogps(
         chosen_sum=sums[:, Part.CHOSEN],
         rejected_sum=sums[:, Part.REJECTED],
-        chosen_tokens=counts[:, Part.CHOSEN].to(logps.dtype),
-        rejected_tokens=counts[:, Part.REJECTED].to(logps.dtype),
+        chosen_tokens=counts[:, Part.CHOSEN].to(sums.dtype),
+        rejected_tokens=counts[:, Part.REJECTED].to(sums.dtype),
         prompt_sum=sums[:, Part.PROMPT] if has_prompt else None,
-        prompt_tokens=counts[:, Part.PROMPT].to(logps.dtype) if has_prompt else None,
+        prompt_tokens=counts[:, Part.PROMPT].to(sums.dtype) if has_prompt else None,
     )
