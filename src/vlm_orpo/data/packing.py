@@ -275,7 +275,7 @@ class _Targets:
         """logits_to_keep (the predicting positions, or 0 = all of them) and where each target sits in the logits."""
         t_row, t_pos, t_ids, t_seg = (torch.tensor(col, dtype=torch.long) for col in zip(*self.rows))
         if keep_all_logits:
-            keep, t_col = torch.tensor(0), t_pos
+            keep, t_col = 0, t_pos  # an int: transformers reads 0 as every position, a tensor as an index
         else:
             keep, t_col = torch.unique(t_pos, sorted=True, return_inverse=True)
         segment_tokens = torch.bincount(t_seg, minlength=len(Part) * n_pairs)
