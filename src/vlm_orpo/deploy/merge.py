@@ -106,11 +106,12 @@ def merge_adapter(
 
 def _adapter_processor(adapter: Path, trust_remote_code: bool):
     """The processor saved with the adapter by training, if any: it carries the chat template trained with."""
-    from transformers import AutoProcessor
+    from vlm_orpo.config import ModelConfig
+    from vlm_orpo.modeling.load import load_processor
 
     if not (adapter / "processor_config.json").is_file():
         return None
-    return AutoProcessor.from_pretrained(adapter, trust_remote_code=trust_remote_code)
+    return load_processor(ModelConfig(name_or_path=str(adapter), trust_remote_code=trust_remote_code))
 
 
 def template_adds_bos(processor) -> bool:

@@ -164,14 +164,14 @@ def quantize(model: str, scheme: str, out: str, data: str = "bundled", split: st
     """Quantize with llm-compressor's oneshot and save compressed; returns the output directory."""
     from llmcompressor import oneshot
     from torch.utils.data import DataLoader
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from transformers import AutoModelForImageTextToText
 
     from vlm_orpo.config import ModelConfig
-    from vlm_orpo.modeling.load import from_pretrained, model_family
+    from vlm_orpo.modeling.load import from_pretrained, load_processor, model_family
 
     cfg = ModelConfig(name_or_path=model)
     decoder = model_family(cfg).language_model  # an unsupported family fails before the weights load
-    processor = from_pretrained(AutoProcessor, cfg)
+    processor = load_processor(cfg)
     model_obj = from_pretrained(AutoModelForImageTextToText, cfg, dtype="auto")
     ignore = ignore_patterns(model_obj.config)
     language_model = decoder.rsplit(".", 1)[-1]

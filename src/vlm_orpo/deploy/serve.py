@@ -198,13 +198,13 @@ def check_vllm_layout(path: Path, config: dict) -> None:
 def served_chat_template(path: Path, tmp: str, trust_remote_code: bool) -> str | None:
     """A copy of the model's chat template that writes BOS, when training would have added one (see
     export.template_adds_bos); None when the template is right as it is."""
-    from transformers import AutoProcessor
-
+    from vlm_orpo.config import ModelConfig
     from vlm_orpo.deploy.merge import template_adds_bos
+    from vlm_orpo.modeling.load import load_processor
 
     if not (path / "tokenizer_config.json").is_file():
         return None
-    processor = AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
+    processor = load_processor(ModelConfig(name_or_path=str(path), trust_remote_code=trust_remote_code))
     if not template_adds_bos(processor):
         return None
     template = Path(tmp) / "chat_template.jinja"

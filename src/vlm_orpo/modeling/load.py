@@ -13,6 +13,7 @@ from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 from vlm_orpo.config import BUNDLED, ConfigError, LoraSettings, ModelConfig
 from vlm_orpo.errors import first_line
 from vlm_orpo.modeling.families import ModelFamily, family_for
+from vlm_orpo.modeling.processor_compat import allow_processors_without_torchvision
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +65,7 @@ def from_pretrained(loader, cfg: ModelConfig, **kwargs):
 
 
 def load_processor(cfg: ModelConfig):
+    allow_processors_without_torchvision()
     return from_pretrained(AutoProcessor, cfg, **cfg.processor_kwargs)
 
 
