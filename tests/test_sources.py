@@ -100,6 +100,14 @@ def test_wrong_path_is_one_clear_error(tmp_path):
         prepare_data(str(tmp_path / "nope.parquet"))
 
 
+def test_a_corrupt_file_is_one_clear_error(tmp_path):
+    path = tmp_path / "broken.parquet"
+    path.write_bytes(b"PAR1 this is not a parquet file")
+    with pytest.raises(DataError, match=r"^cannot load data .*broken.parquet'?: .+") as err:
+        prepare_data(str(path))
+    assert "\n" not in str(err.value)
+
+
 def test_each_bad_row_reason_is_counted_and_good_rows_kept(tmp_path, tiny_processor, caplog):
     img = {"bytes": png(), "path": None}
     rows = [

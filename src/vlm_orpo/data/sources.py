@@ -19,7 +19,7 @@ import numpy as np
 
 from vlm_orpo.config import BUNDLED
 from vlm_orpo.data.validation import RowCheck, canonical_row, validate_rows
-from vlm_orpo.errors import BadRow, DataError
+from vlm_orpo.errors import BadRow, DataError, first_line
 from vlm_orpo.images import MAX_IMAGE_PIXELS
 
 log = logging.getLogger(__name__)
