@@ -31,6 +31,8 @@ from vlm_orpo.modeling.load import adapter_config, load_base_model, load_process
 from vlm_orpo.modeling.forward import pair_collator, resolve_forward_mode
 from vlm_orpo.modeling.shared_prefix import set_attention_backend
 from vlm_orpo.reporting import columns, plot_comparison, results_table
+from vlm_orpo.run_dir import SUMMARY
+from vlm_orpo.run_report import write_report
 from vlm_orpo.scoring import score_batches
 
 log = logging.getLogger(__name__)
@@ -160,6 +162,8 @@ def run(args) -> dict:
         rates = write_generations(out / "generations.html", dataset, generations)
         if rates:
             print("hallucination rate (synthetic task): " + ", ".join(f"{n}: {r:.1%}" for n, r in rates.items()))
+    if (out.parent / SUMMARY).is_file():  # --out inside a finished run: its report.html gains this evaluation
+        print(f"report: {write_report(out.parent)}")
     return dict(rows)
 
 

@@ -17,6 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+import yaml
 from transformers import TrainerState, set_seed
 from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_callback import ProgressCallback
@@ -40,6 +41,7 @@ from vlm_orpo.modeling.load import attach_adapter, load_base_model, load_process
 from vlm_orpo.modeling.shared_prefix import attention_backend, set_attention_backend
 from vlm_orpo.reporting import plot_training, read_jsonl, results_table
 from vlm_orpo.run_dir import BEST, FINAL, METRICS, SUMMARY, RunDir
+from vlm_orpo.run_report import CONFIG, write_report
 from vlm_orpo.trackers import RunTrackers, take_trackers
 from vlm_orpo.reference import REFERENCE_FILE, precompute
 from vlm_orpo.trainer import CompactProgress, FiniteGuard, MetricsFile, PreferenceTrainer
@@ -190,6 +192,8 @@ def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False) -> Path
         trainer.accelerator.wait_for_everyone()
         trainer.add_callback(MetricsFile(run / METRICS))
         run_trackers = RunTrackers(trackers, run.path, cfg.as_dict()) if trackers and main_process else None
+        if main_process:  # the resolved config, for report.html and for rerunning the run as it was
+            (run.path / CONFIG).write_text(yaml.safe_dump(cfg.as_dict(), sort_keys=False))
         if run_trackers is not None:
             trainer.add_callback(run_trackers)
         if main_process:
@@ -209,6 +213,7 @@ def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False) -> Path
             trainer.save_model_atomically(FINAL, "run.json", {"step": trainer.state.global_step})
             if main_process:
                 summary = write_summary(run.path, cfg.loss, time.perf_counter() - start, report)
+                print(f"report: {write_report(run.path)}", flush=True)
                 if run_trackers is not None:
                     run_trackers.finish(summary)
     finally:
