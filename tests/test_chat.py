@@ -232,6 +232,47 @@ def test_judgments_are_training_data(tmp_path, red_png):
     assert open_image(rows[0]["image"], rows.base_dir).size == (96, 64)
 
 
+def test_wilson_interval():
+    assert ui.wilson_interval(0, 0) is None
+    low, high = ui.wilson_interval(5, 10)
+    assert abs(low - 0.2366) < 1e-4 and abs(high - 0.7634) < 1e-4  # the textbook value for 5 of 10
+    low, high = ui.wilson_interval(10, 10)
+    assert abs(low - 0.7225) < 1e-4 and high == 1.0
+    assert ui.wilson_interval(0, 3)[0] == 0.0
+
+
+def test_ties_and_both_bad_are_recorded_and_tallied_but_are_not_training_pairs(tmp_path, red_png):
+    from vlm_orpo.data.sources import prepare_data
+
+    log = ui.JudgmentLog(tmp_path / "judgments.jsonl")
+    image = Image.open(red_png).convert("RGB")
+    pair = ("base", "tuned")
+    log.append(image, "Color?", "Red.", "Blue.", chosen_model="tuned", rejected_model="base", swapped=True)
+    log.append(image, "Shape?", "A square.", "A circle.", chosen_model="tuned", rejected_model="base", swapped=False)
+    log.append(image, "Size?", "Small.", "Huge.", chosen_model="base", rejected_model="tuned", swapped=True)
+    log.append(image, "Other pair?", "Yes.", "No.", chosen_model="tuned", rejected_model="someone-else", swapped=True)
+    log.append(image, "Not blind?", "Yes.", "No.", chosen_model="base", rejected_model="tuned")  # an older row
+    log.append_unpaired("tie", image, "Color?", ["Red.", "Red!"], ["tuned", "base"], swapped=True)
+    log.append_unpaired("both_bad", image, "Count?", ["Three.", "Five."], ["base", "tuned"], swapped=False)
+    with pytest.raises(ValueError):
+        log.append_unpaired("a", image, "?", ["x", "y"], ["base", "tuned"])
+    assert log.unpaired_path == tmp_path / "judgments.unpaired.jsonl"
+    assert [json.loads(line)["verdict"] for line in log.unpaired_path.read_text().splitlines()] == ["tie", "both_bad"]
+
+    data = prepare_data(str(log.path))  # what `vlm-orpo train data.source=judgments.jsonl` loads
+    assert data.report.total_skipped == 0 and len(data.train) == 5
+    assert "Count?" not in [data.train[i]["question"] for i in range(5)]
+
+    tally = log.write_tally(pair)
+    assert json.loads(log.tally_path.read_text()) == json.loads(json.dumps(tally))
+    assert log.tally_path == tmp_path / "judgments.tally.json"
+    assert tally["wins"] == {"base": 1, "tuned": 2} and tally["ties"] == 1 and tally["both_bad"] == 1
+    assert tally["decisive"] == 3 and tally["judgments"] == 5  # not: against someone-else, or not judged blind
+    assert tally["win_rate"]["tuned"]["rate"] == pytest.approx(2 / 3)
+    assert tally["win_rate"]["tuned"]["ci95"] == pytest.approx(list(ui.wilson_interval(2, 3)))
+    assert "`tuned` 2 wins" in ui.tally_text(tally) and "1 tie," in ui.tally_text(tally)
+
+
 def test_judgments_encode_for_training_from_any_folder(tmp_path, red_png, tiny_processor, monkeypatch):
     from vlm_orpo.data.packing import PairEncoder
     from vlm_orpo.data.sources import prepare_data
@@ -278,7 +319,7 @@ def free_port() -> int:
 def serve(argv: list[str]):
     args = chat_args(*argv, "--port", str(free_port()))
     a, b = ui.make_endpoints(args)
-    app = ui.build_app(a, b, args.judgments, args.max_upload_mb)
+    app = ui.build_app(a, b, args.judgments, args.max_upload_mb, args.seed)
     app.queue().launch(prevent_thread_lock=True, quiet=True, **ui.launch_kwargs(args))
     return app, f"http://127.0.0.1:{args.port}"
 
@@ -363,6 +404,31 @@ def test_chat_in_the_browser(browser, endpoints, red_png):
         app.close()
 
 
+def orders(seed: int, n: int) -> list[bool]:
+    """Whether each of the first n questions shows the --compare endpoint as A (what the app draws, in order)."""
+    import random
+
+    rng = random.Random(seed)
+    return [rng.random() < 0.5 for _ in range(n)]
+
+
+def seed_for(swaps: list[bool]) -> int:
+    return next(seed for seed in range(1000) if orders(seed, len(swaps)) == swaps)
+
+
+def ask(page, a_ends: str, b_ends: str) -> None:
+    """Ask both (image and question already filled in) and wait until both answers are in and pickable."""
+    page.locator("#ask").click()
+    for side, end in (("a", a_ends), ("b", b_ends)):
+        page.wait_for_function("([s, e]) => document.querySelector(s).value.endsWith(e)",
+                               arg=[f"#answer-{side} textarea", end])
+    page.locator("#pick-a:enabled").wait_for()
+
+
+def labels(page) -> list[str]:
+    return [page.locator(f"#answer-{side} [data-testid=block-info]").inner_text().strip() for side in "ab"]
+
+
 def test_compare_and_judge_in_the_browser(browser, endpoints, red_png, tmp_path, monkeypatch):
     """Ask both endpoints, pick one, then edit an answer and pick it: two rows `train` can read."""
     from vlm_orpo.data.sources import prepare_data
@@ -371,30 +437,26 @@ def test_compare_and_judge_in_the_browser(browser, endpoints, red_png, tmp_path,
     base, tuned = endpoints
     monkeypatch.chdir(tmp_path)
     judgments = tmp_path / "judgments.jsonl"
+    seed = seed_for([False, False])  # the --endpoint model shown as A both times
     app, url = serve(["--endpoint", base.url, "--compare", tuned.url, "--judgments", "judgments.jsonl",
-                      "--api-key", KEY])
+                      "--api-key", KEY, "--seed", str(seed)])
     try:
         page = login(browser, url)
         page.locator("#image input[type=file]").set_input_files(str(red_png))
         page.locator("#question textarea").fill("What color is the shape?")
-        page.locator("#ask").click()
-        answer_b = page.locator("#answer-b textarea")
-        page.wait_for_function("s => document.querySelector(s).value.endsWith('rectangle.')", arg="#answer-b textarea")
-        page.wait_for_function("s => document.querySelector(s).value.endsWith('I think.')", arg="#answer-a textarea")
-        page.locator("#pick-b:enabled").wait_for()
-        assert answer_b.input_value() == tuned.answer
+        ask(page, "I think.", "rectangle.")
+        assert page.locator("#answer-b textarea").input_value() == tuned.answer
         if os.environ.get("VLM_ORPO_UI_SCREENSHOT"):
             page.screenshot(path=os.environ["VLM_ORPO_UI_SCREENSHOT"])
         page.locator("#pick-b").click()
         page.locator("#status").get_by_text("saved judgment").wait_for()
-        assert page.locator("#pick-a").is_disabled()  # one judgment per question
+        assert page.locator("#pick-a").is_disabled() and page.locator("#pick-tie").is_disabled()  # one per question
 
-        page.locator("#ask").click()  # same image and question; this time fix A's answer and pick it
-        page.locator("#pick-a:enabled").wait_for()
+        ask(page, "I think.", "rectangle.")  # same image and question; this time fix A's answer and pick it
         page.locator("#answer-a textarea").fill("A solid red rectangle.")
         page.locator("#pick-a").click()
         page.wait_for_function("() => document.querySelectorAll('#status').length && "
-                               "document.querySelector('#status').innerText.includes('A chosen')")
+                               "document.querySelector('#status').innerText.includes('A (base-model) chosen')")
         page.close()
     finally:
         app.close()
@@ -408,3 +470,61 @@ def test_compare_and_judge_in_the_browser(browser, endpoints, red_png, tmp_path,
     data = prepare_data(str(judgments))
     assert data.report.total_skipped == 0 and len(data.train) == 2
     assert open_image(data.train[0]["image"], data.train.base_dir).size == (96, 64)
+
+
+def test_blind_ab_in_the_browser(browser, endpoints, red_png, tmp_path):
+    """Seeded random order per question; the models are named only after the pick; a tie and a both-bad are
+    recorded (and tallied) but are not training pairs; the tally shows in the page and in judgments.tally.json."""
+    from vlm_orpo.data.sources import prepare_data
+
+    base, tuned = endpoints
+    judgments = tmp_path / "judgments.jsonl"
+    swaps = [True, False, True, False]  # tuned shown as A in questions 1 and 3
+    app, url = serve(["--endpoint", base.url, "--compare", tuned.url, "--judgments", str(judgments),
+                      "--api-key", KEY, "--seed", str(seed_for(swaps))])
+    ends = {False: ("I think.", "rectangle."), True: ("rectangle.", "I think.")}
+    picks = ["a", "a", "tie", "both-bad"]  # tuned wins, base wins, a tie, both bad
+    try:
+        page = login(browser, url)
+        page.locator("#image input[type=file]").set_input_files(str(red_png))
+        page.locator("#question textarea").fill("What color is the shape?")
+        for question, (swapped, pick) in enumerate(zip(swaps, picks)):
+            ask(page, *ends[swapped])
+            shown = [base.answer, tuned.answer][::-1 if swapped else 1]
+            assert [page.locator(f"#answer-{s} textarea").input_value() for s in "ab"] == shown
+            assert labels(page) == ["A", "B"], "the names are hidden until the pick"
+            hidden_from = page.content() if question == 0 else page.locator("#status").inner_text() + str(labels(page))
+            assert "base-model" not in hidden_from and "tuned-model" not in hidden_from  # (the tally names both)
+            page.locator(f"#pick-{pick}").click()
+            page.locator("#status").get_by_text("saved judgment").nth(0).wait_for()
+            page.wait_for_function("n => document.querySelector('#tally').innerText.includes(n + ' judged')",
+                                   arg=question + 1)
+            models = ["tuned-model", "base-model"] if swapped else ["base-model", "tuned-model"]
+            assert labels(page) == [f"A · {models[0]}", f"B · {models[1]}"], "named after the pick"
+            saved_to = "judgments.unpaired.jsonl" if pick in ("tie", "both-bad") else "judgments.jsonl"
+            assert page.locator("#status").inner_text().endswith(saved_to)
+        tally_shown = page.locator("#tally").inner_text()
+        page.close()
+    finally:
+        app.close()
+
+    rows = [json.loads(line) for line in judgments.read_text().splitlines()]
+    assert [(r["chosen_model"], r["chosen_side"], r["swapped"]) for r in rows] == [
+        ("tuned-model", "A", True), ("base-model", "A", False)]
+    unpaired = [json.loads(line) for line in (tmp_path / "judgments.unpaired.jsonl").read_text().splitlines()]
+    assert [(r["verdict"], r["models"], r["answers"][0]) for r in unpaired] == [
+        ("tie", ["tuned-model", "base-model"], tuned.answer), ("both_bad", ["base-model", "tuned-model"], base.answer)]
+    assert (tmp_path / unpaired[0]["image"]).is_file()
+    data = prepare_data(str(judgments))  # what training reads: the two wins only
+    assert data.report.total_skipped == 0 and len(data.train) == 2
+
+    tally = json.loads((tmp_path / "judgments.tally.json").read_text())
+    low, high = ui.wilson_interval(1, 2)
+    assert tally == {
+        "models": ["base-model", "tuned-model"], "judgments": 4, "wins": {"base-model": 1, "tuned-model": 1},
+        "ties": 1, "both_bad": 1, "decisive": 2,
+        "win_rate": {m: {"rate": 0.5, "ci95": [low, high]} for m in ("base-model", "tuned-model")},
+        "interval": "Wilson score, 95%, over the decisive judgments",
+    }
+    assert "base-model 1 win, tuned-model 1 win, 1 tie, 1 both bad" in tally_shown
+    assert f"50% (95% CI {low:.0%}–{high:.0%})" in tally_shown

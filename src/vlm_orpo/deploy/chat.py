@@ -1,8 +1,11 @@
 """`vlm-orpo chat`: a Gradio chat with images against any OpenAI-compatible endpoint (vLLM's, say).
 
 Compare mode asks two endpoints (base and tuned) the same image and question and streams both answers side by
-side; the user picks the better one, editing it first if they like, and the judgment is appended to a JSONL
-file in RLAIF-V's schema that `vlm-orpo train` reads as data. That closes the loop: serve, judge, train again.
+side, blind: the sides are shuffled per question and the models are named only after the pick. The user picks A
+or B, editing it first if they like, and the judgment is appended to a JSONL file in RLAIF-V's schema that
+`vlm-orpo train` reads as data. That closes the loop: serve, judge, train again. A tie or "both bad" is recorded
+in a file beside it that training does not read, and a running tally (wins per model, ties, both bad, each
+model's win rate over the decisive judgments with a 95% Wilson interval) is shown and written beside it too.
 
 Safe by default: it binds 127.0.0.1, takes uploaded images and `data:` URLs only (it never fetches a remote
 URL, not even one sent through Gradio's API), caps upload size, and with an API key it asks for that key
@@ -17,8 +20,10 @@ import hashlib
 import hmac
 import json
 import logging
+import math
 import os
 import queue
+import random
 import re
 import threading
 import time
@@ -47,6 +52,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compare", metavar="URL2", help="a second endpoint: ask both, show both, pick the better")
     parser.add_argument("--judgments", metavar="FILE.jsonl", help="compare mode: append judgments here "
                         "(RLAIF-V schema, images saved beside it; default judgments.jsonl)")
+    parser.add_argument("--seed", type=int, help="compare mode: seed of the per-question A/B order (default: unseeded)")
     parser.add_argument("--model", help="model name at --endpoint (default: the first it lists)")
     parser.add_argument("--compare-model", help="model name at --compare (default: the first it lists)")
     parser.add_argument("--api-key", default=os.environ.get(API_KEY_ENV),
@@ -171,30 +177,111 @@ def history_messages(history: list[dict], max_bytes: int) -> list[dict]:
 # ---------------------------------------------------------------- judgments: RLAIF-V rows that `train` reads
 
 
+TIE, BOTH_BAD = "tie", "both_bad"
+
+
+def wilson_interval(wins: int, n: int, z: float = 1.96) -> tuple[float, float] | None:
+    """The Wilson score interval of a binomial proportion (95% with z = 1.96); None without trials."""
+    if n <= 0:
+        return None
+    p = wins / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
 class JudgmentLog:
     """Appends judgments to a JSONL file; each image is saved once, as PNG, in a folder beside it.
 
     Rows use RLAIF-V's columns (image, question, chosen, rejected, idx) and keep the image as a path relative
-    to the file, so the file and its folder can be moved together and given to `vlm-orpo train` as data.
+    to the file, so the file and its folder can be moved together and given to `vlm-orpo train` as data. A tie or
+    "both bad" is no preference pair: it goes to `NAME.unpaired.jsonl` beside the file (training is given the
+    file, not this one), and `NAME.tally.json` holds the running tally of both.
     """
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.image_dir = self.path.with_name(self.path.stem + "_images")
+        self.unpaired_path = self.path.with_name(self.path.stem + ".unpaired.jsonl")
+        self.tally_path = self.path.with_name(self.path.stem + ".tally.json")
         self._lock = threading.Lock()
 
-    def append(self, image, question: str, chosen: str, rejected: str, **extra) -> dict:
+    def _image(self, image) -> str:
+        """Save the image once (called under the lock); its path relative to the file."""
         data = png_bytes(image)
         name = hashlib.sha256(data).hexdigest()[:20] + ".png"
-        fields = {"image": f"{self.image_dir.name}/{name}", "question": question, "chosen": chosen, "rejected": rejected}
-        row = {"idx": uuid.uuid4().hex, **{RLAIF_V_COLUMNS[k]: v for k, v in fields.items()}, **extra}
+        self.image_dir.mkdir(parents=True, exist_ok=True)
+        if not (self.image_dir / name).exists():
+            (self.image_dir / name).write_bytes(data)
+        return f"{self.image_dir.name}/{name}"
+
+    def _write(self, path: Path, row: dict) -> None:
+        with path.open("a", encoding="utf-8") as f:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+    def append(self, image, question: str, chosen: str, rejected: str, **extra) -> dict:
+        """A preference pair: a row `vlm-orpo train` reads."""
         with self._lock:
-            self.image_dir.mkdir(parents=True, exist_ok=True)
-            if not (self.image_dir / name).exists():
-                (self.image_dir / name).write_bytes(data)
-            with self.path.open("a", encoding="utf-8") as f:
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+            fields = {"image": self._image(image), "question": question, "chosen": chosen, "rejected": rejected}
+            row = {"idx": uuid.uuid4().hex, **{RLAIF_V_COLUMNS[k]: v for k, v in fields.items()}, **extra}
+            self._write(self.path, row)
         return row
+
+    def append_unpaired(self, verdict: str, image, question: str, answers: list[str], models: list[str],
+                        **extra) -> dict:
+        """A tie or "both bad": recorded with both answers, outside the training file."""
+        if verdict not in (TIE, BOTH_BAD):
+            raise ValueError(f"verdict must be {TIE!r} or {BOTH_BAD!r}, got {verdict!r}")
+        with self._lock:
+            row = {"idx": uuid.uuid4().hex, "verdict": verdict, "image": self._image(image), "question": question,
+                   "answers": answers, "models": models, **extra}
+            self._write(self.unpaired_path, row)
+        return row
+
+    def tally(self, models: tuple[str, str]) -> dict:
+        """Wins per model, ties and both-bad over the blind judgments (rows with `swapped`) between these two
+        models, and each model's win rate over the decisive ones (a tie or both-bad is no win for either) with its
+        95% Wilson interval."""
+        pair = set(models)
+        wins, ties, both_bad = {m: 0 for m in models}, 0, 0
+        for path in (self.path, self.unpaired_path):
+            lines = path.read_text(encoding="utf-8").splitlines() if path.is_file() else []
+            for line in filter(str.strip, lines):
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:  # a torn line of a killed writer
+                    continue
+                if "swapped" not in row:  # not judged blind (an older version, or added by hand)
+                    continue
+                if {row.get("chosen_model"), row.get("rejected_model")} == pair:
+                    wins[row["chosen_model"]] += 1
+                elif set(row.get("models") or ()) == pair:
+                    ties += row.get("verdict") == TIE
+                    both_bad += row.get("verdict") == BOTH_BAD
+        decisive = sum(wins.values())
+        rates = {m: {"rate": wins[m] / decisive if decisive else None, "ci95": wilson_interval(wins[m], decisive)}
+                 for m in models}
+        return {"models": list(models), "judgments": decisive + ties + both_bad, "wins": wins, "ties": ties,
+                "both_bad": both_bad, "decisive": decisive, "win_rate": rates,
+                "interval": "Wilson score, 95%, over the decisive judgments"}
+
+    def write_tally(self, models: tuple[str, str]) -> dict:
+        with self._lock:
+            tally = self.tally(models)
+            staged = self.tally_path.with_name(self.tally_path.name + ".tmp")
+            staged.write_text(json.dumps(tally, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+            staged.replace(self.tally_path)
+        return tally
+
+
+def tally_text(tally: dict) -> str:
+    """One line for the UI: the counts, then each model's win rate and its interval."""
+    wins = ", ".join(f"`{m}` {n} win{'s' * (n != 1)}" for m, n in tally["wins"].items())
+    line = f"**Tally** ({tally['judgments']} judged): {wins}, {tally['ties']} tie{'s' * (tally['ties'] != 1)}, " \
+           f"{tally['both_bad']} both bad"
+    rates = [f"`{m}` {r['rate']:.0%} (95% CI {r['ci95'][0]:.0%}–{r['ci95'][1]:.0%})"
+             for m, r in tally["win_rate"].items() if r["rate"] is not None]
+    return line + (f" · win rate over {tally['decisive']} decisive: " + ", ".join(rates) if rates else "")
 
 
 # ---------------------------------------------------------------- the app
@@ -239,7 +326,7 @@ def check_key(api_key: str):
 
 def build_app(
     endpoint: Endpoint, compare: Endpoint | None = None, judgments: str | Path | None = None,
-    max_upload_mb: float = 10.0,
+    max_upload_mb: float = 10.0, seed: int | None = None,
 ):
     import gradio as gr
 
@@ -252,8 +339,8 @@ def build_app(
         return app
     log_file = JudgmentLog(judgments or "judgments.jsonl")
     with gr.Blocks(title=title, analytics_enabled=False) as app:  # no calls home
-        gr.Markdown(f"### {title} · compare · judgments → `{log_file.path}`")
-        _compare(endpoint, compare, log_file, max_bytes)
+        gr.Markdown(f"### {title} · compare, blind · judgments → `{log_file.path}`")
+        _compare(endpoint, compare, log_file, max_bytes, random.Random(seed))
     return app
 
 
@@ -280,24 +367,31 @@ def _chat(endpoint: Endpoint, max_bytes: int) -> None:
                      analytics_enabled=False)
 
 
-def _compare(a: Endpoint, b: Endpoint, log_file: JudgmentLog, max_bytes: int) -> None:
+VERDICTS = {"a": "A is better", "b": "B is better", TIE: "Tie", BOTH_BAD: "Both bad"}  # elem_id pick-<key>
+
+
+def _compare(a: Endpoint, b: Endpoint, log_file: JudgmentLog, max_bytes: int, order: random.Random) -> None:
+    """Blind A/B: per question the endpoints are shown in a random order (drawn from `order`) under the names A
+    and B; the models are named after the pick."""
     import gradio as gr
 
+    order_lock = threading.Lock()
     with gr.Row():
         with gr.Column(scale=1):
             image_in = _upload_only(gr.Image)(type="filepath", sources=["upload", "clipboard"], label="Image",
                                               elem_id="image", height=260)
             question = gr.Textbox(label="Question", lines=2, elem_id="question")
             ask = gr.Button("Ask both", variant="primary", elem_id="ask")
-        with gr.Column(scale=2), gr.Row():
-            boxes, picks = [], []
-            for side, ep in (("A", a), ("B", b)):
-                with gr.Column():
-                    boxes.append(gr.Textbox(label=f"{side} · {ep.url}", lines=10, interactive=True,
-                                            elem_id=f"answer-{side.lower()}"))
-                    picks.append(gr.Button(f"{side} is better", interactive=False, elem_id=f"pick-{side.lower()}"))
+        with gr.Column(scale=2):
+            with gr.Row():
+                boxes = [gr.Textbox(label=side, lines=10, interactive=True, elem_id=f"answer-{side.lower()}")
+                         for side in "AB"]
+            with gr.Row():
+                picks = [gr.Button(label, interactive=False, elem_id=f"pick-{key.replace('_', '-')}",
+                                   variant="secondary") for key, label in VERDICTS.items()]
     status = gr.Markdown(elem_id="status")
-    asked = gr.State(None)  # what was asked and the answers as the models gave them
+    tally_md = gr.Markdown(elem_id="tally")
+    asked = gr.State(None)  # what was asked, the order, and the answers as the models gave them (server side)
 
     def run(image_value, question_text):
         text, pasted = split_data_urls(question_text)
@@ -307,6 +401,9 @@ def _compare(a: Endpoint, b: Endpoint, log_file: JudgmentLog, max_bytes: int) ->
             image = load_image(image_value or (pasted[0] if pasted else None), max_bytes)
         except ImageRejected as exc:
             raise gr.Error(str(exc)) from None
+        with order_lock:
+            swapped = order.random() < 0.5
+        sides = (b, a) if swapped else (a, b)  # sides[0] is shown as A
         messages = [user_message(text, [image])]
         answers, errors, updates = ["", ""], [None, None], queue.Queue()
 
@@ -314,13 +411,13 @@ def _compare(a: Endpoint, b: Endpoint, log_file: JudgmentLog, max_bytes: int) ->
             try:
                 for answer in endpoint.stream(messages):
                     updates.put((i, answer))
-            except Exception as exc:  # noqa: BLE001 - shown in that side's box
+            except Exception as exc:  # noqa: BLE001 - shown in that side's box (no judgment: naming it is fine)
                 errors[i] = f"[{endpoint.url}: {type(exc).__name__}: {exc}]"
             updates.put((i, None))
 
-        for i, endpoint in enumerate((a, b)):
+        for i, endpoint in enumerate(sides):
             threading.Thread(target=worker, args=(i, endpoint), daemon=True).start()
-        locked = gr.update(interactive=False)
+        locked = [gr.update(interactive=False)] * len(VERDICTS)
         running = 2
         while running:
             i, answer = updates.get()
@@ -328,37 +425,52 @@ def _compare(a: Endpoint, b: Endpoint, log_file: JudgmentLog, max_bytes: int) ->
                 running -= 1
             else:
                 answers[i] = answer
-            yield answers[0], answers[1], None, locked, locked, "answering…"
+            # label "A"/"B": a new question hides the names that the last pick revealed
+            yield (*(gr.update(value=answers[j], label="AB"[j]) for j in range(2)), None, *locked, "answering…",
+                   gr.update())
         ok = not any(errors) and all(s.strip() for s in answers)
-        models = [a.model, b.model] if ok else [a.url, b.url]
-        shown = [gr.update(value=errors[i] or answers[i], label=f"{'AB'[i]} · {models[i]}") for i in range(2)]
-        state = {"image": image, "question": text, "answers": answers, "models": models} if ok else None
-        pick = gr.update(interactive=ok)
-        yield shown[0], shown[1], state, pick, pick, "pick the better answer (edit it first if you like)" if ok else ""
+        shown = [gr.update(value=errors[i] or answers[i], label="AB"[i]) for i in range(2)]
+        state = None
+        if ok:
+            state = {"image": image, "question": text, "answers": answers, "models": [e.model for e in sides],
+                     "pair": (a.model, b.model), "swapped": swapped}
+        open_ = [gr.update(interactive=ok)] * len(VERDICTS)
+        yield (*shown, state, *open_, "pick the better answer (edit it first if you like); the models are named "
+               "after the pick" if ok else "", gr.update())
 
-    def pick(i: int):
+    def pick(verdict: str):
         def save(state, text_a, text_b):
             if state is None:
                 raise gr.Error("ask first")
-            chosen = (text_a, text_b)[i].strip()
-            rejected = state["answers"][1 - i].strip()
-            if not chosen or chosen == rejected:
-                raise gr.Error("the chosen answer is empty or the same as the other one")
-            row = log_file.append(
-                state["image"], state["question"], chosen, rejected,
-                chosen_model=state["models"][i], rejected_model=state["models"][1 - i],
-                edited=chosen != state["answers"][i].strip(), created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            )
-            locked = gr.update(interactive=False)
-            return None, locked, locked, f"saved judgment `{row['idx'][:8]}`: {'AB'[i]} chosen → `{log_file.path}`"
+            models, answers = state["models"], state["answers"]
+            common = dict(swapped=state["swapped"], created=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+            if verdict in ("a", "b"):
+                i = "ab".index(verdict)
+                chosen = (text_a, text_b)[i].strip()
+                rejected = answers[1 - i].strip()
+                if not chosen or chosen == rejected:
+                    raise gr.Error("the chosen answer is empty or the same as the other one: pick Tie or Both bad")
+                row = log_file.append(
+                    state["image"], state["question"], chosen, rejected, chosen_model=models[i],
+                    rejected_model=models[1 - i], edited=chosen != answers[i].strip(), chosen_side="AB"[i], **common,
+                )
+                said = f"{'AB'[i]} (`{models[i]}`) chosen over `{models[1 - i]}` → `{log_file.path}`"
+            else:
+                row = log_file.append_unpaired(verdict, state["image"], state["question"], answers, models, **common)
+                said = (f"{VERDICTS[verdict].lower()}: A was `{models[0]}`, B was `{models[1]}` (not a training "
+                        f"pair) → `{log_file.unpaired_path}`")
+            tally = log_file.write_tally(state["pair"])
+            revealed = [gr.update(label=f"{'AB'[j]} · {models[j]}") for j in range(2)]
+            locked = [gr.update(interactive=False)] * len(VERDICTS)
+            return None, *revealed, *locked, f"saved judgment `{row['idx'][:8]}`: {said}", tally_text(tally)
 
         return save
 
-    outputs = [*boxes, asked, *picks, status]
+    outputs = [*boxes, asked, *picks, status, tally_md]
     ask.click(run, [image_in, question], outputs)
     question.submit(run, [image_in, question], outputs)
-    for i, button in enumerate(picks):
-        button.click(pick(i), [asked, *boxes], [asked, *picks, status])
+    for key, button in zip(VERDICTS, picks):
+        button.click(pick(key), [asked, *boxes], [asked, *boxes, *picks, status, tally_md])
 
 
 # ---------------------------------------------------------------- the command
@@ -397,5 +509,5 @@ def run(args) -> None:
         raise ConfigError("the chat UI needs gradio and openai: pip install -e '.[ui]'") from None
     a, b = make_endpoints(args)
     check_port_free(args.host, args.port)
-    app = build_app(a, b, args.judgments, args.max_upload_mb)
+    app = build_app(a, b, args.judgments, args.max_upload_mb, args.seed)
     app.queue().launch(**launch_kwargs(args))
