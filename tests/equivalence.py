@@ -3,7 +3,6 @@ plain two-sequence forward (`modeling.plain`), on per-pair log-probs, the ORPO l
 
 from __future__ import annotations
 
-import torch
 from peft import LoraConfig, get_peft_model
 
 from vlm_orpo.config import LossConfig
