@@ -60,7 +60,11 @@ class PairEncoder:
         self.tokenizer = processor.tokenizer
         self.max_answer_tokens = max_answer_tokens
         self.max_prompt_tokens = max_prompt_tokens
-        self.image_token_id = self.tokenizer.convert_tokens_to_ids(processor.image_token)
+        # the id that the processor expands an image into (Gemma 3's `image_token` is its begin-of-image marker; its
+        # `image_token_ids` names the soft token the model's features replace)
+        ids = getattr(processor, "image_token_ids", None) or [None]
+        self.image_token_id = ids[0] if isinstance(ids[0], int) else self.tokenizer.convert_tokens_to_ids(
+            processor.image_token)
         # what the chat template writes for an image before the processor expands it: the image token itself, or
         # a begin-of-image token (Gemma 3 writes `<start_of_image>`)
         boi = getattr(processor, "boi_token", None)
@@ -149,6 +153,10 @@ class PairEncoder:
         placeholders = sum(text_ids.count(i) for i in self.placeholder_ids)
         if placeholders != 1:
             raise BadRow("bad question", f"the prompt holds {placeholders} image placeholders; a pair has one image")
+        expanded = getattr(self.processor, "full_image_sequence", None)
+        if expanded is not None:  # Gemma 3: a fixed text around the image tokens, whose newlines merge with the prompt's
+            text = prompt.replace(self.processor.boi_token, expanded, 1)
+            return len(self.tokenizer(text, **self.prompt_tokenizer_kwargs(prompt))["input_ids"])
         height, width = image_size
         n_image = self.processor._get_num_multimodal_tokens(image_sizes=[[height, width]])["num_image_tokens"][0]
         return len(text_ids) - 1 + n_image

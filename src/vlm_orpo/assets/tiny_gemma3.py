@@ -1,0 +1,203 @@
+"""A tiny, randomly initialised Gemma 3 (SigLIP vision tower + Gemma 3 text model), built offline from a seed.
+
+What makes it Gemma 3 for the packed forward, kept small enough to show in a test:
+- a sliding-window layer and a full-attention layer (`layer_types`), with a window of `SLIDING_WINDOW` = 24
+  tokens, shorter than a prompt (about 40 tokens) plus an answer, so the window cuts into every pair;
+- 16 image tokens per image (a 64x64 input, 8x8 patches, average-pooled 2x2 to a 4x4 grid), which attend to each
+  other bidirectionally (the processor's `token_type_ids` mark them);
+- Gemma's chat format and special tokens (`<bos>`, `<start_of_turn>`, `<end_of_turn>`, `<start_of_image>`, ...),
+  a `Gemma3Processor` that expands `<start_of_image>` to `\\n\\n<start_of_image>` + 16 x `<image_soft_token>` +
+  `<end_of_image>\\n\\n`, and tied input/output embeddings, as the released checkpoints have.
+
+About 0.55M parameters (~2.2 MB float32).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from vlm_orpo.assets.atomic import atomic_dir
+
+__all__ = ["CHAT_TEMPLATE", "SPECIAL_TOKENS", "SLIDING_WINDOW", "MM_TOKENS_PER_IMAGE", "build_gemma3"]
+
+IMAGE_SIZE = 64  # SigLIP input size
+PATCH_SIZE = 8  # 8x8 = 64 patches, pooled with a 2x2 kernel to 16 tokens
+MM_TOKENS_PER_IMAGE = 16  # must be a square whose side divides IMAGE_SIZE // PATCH_SIZE (the avg-pool projector)
+SLIDING_WINDOW = 24
+PROJECTOR_STD = 0.1
+
+PAD, EOS, BOS, UNK = "<pad>", "<eos>", "<bos>", "<unk>"  # ids 0..3, as in Gemma's own vocabulary
+SOT, EOT = "<start_of_turn>", "<end_of_turn>"
+BOI, EOI, IMAGE = "<start_of_image>", "<end_of_image>", "<image_soft_token>"
+SPECIAL_TOKENS = [PAD, EOS, BOS, UNK, SOT, EOT, BOI, EOI, IMAGE]
+
+# Gemma 3's template (google/gemma-3-4b-it), with the assistant text wrapped in {% generation %}:
+#   "<bos><start_of_turn>user\n[SYSTEM\n\n]<start_of_image>QUESTION<end_of_turn>\n<start_of_turn>model\n"
+#   assistant: "ANSWER<end_of_turn>\n"
+CHAT_TEMPLATE = (
+    "{{- bos_token -}}"
+    "{%- if messages and messages[0]['role'] == 'system' -%}"
+    "{%- if messages[0]['content'] is string -%}"
+    "{%- set first_user_prefix = messages[0]['content'] + '\\n\\n' -%}"
+    "{%- else -%}"
+    "{%- set first_user_prefix = messages[0]['content'][0]['text'] + '\\n\\n' -%}"
+    "{%- endif -%}"
+    "{%- set loop_messages = messages[1:] -%}"
+    "{%- else -%}"
+    "{%- set first_user_prefix = '' -%}"
+    "{%- set loop_messages = messages -%}"
+    "{%- endif -%}"
+    "{%- for message in loop_messages -%}"
+    "{%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}"
+    "{{- raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') -}}"
+    "{%- endif -%}"
+    "{%- set role = 'model' if message['role'] == 'assistant' else message['role'] -%}"
+    "{{- '<start_of_turn>' + role + '\\n' + (first_user_prefix if loop.first else '') -}}"
+    "{%- if role == 'model' -%}{%- generation -%}"
+    "{%- if message['content'] is string -%}{{- message['content'] | trim -}}"
+    "{%- else -%}{%- for item in message['content'] if item['type'] == 'text' -%}{{- item['text'] | trim -}}"
+    "{%- endfor -%}{%- endif -%}"
+    "{{- '<end_of_turn>' -}}{%- endgeneration -%}{{- '\\n' -}}"
+    "{%- else -%}"
+    "{%- if message['content'] is string -%}{{- message['content'] | trim -}}"
+    "{%- else -%}{%- for item in message['content'] -%}"
+    "{%- if item['type'] == 'image' -%}{{- '<start_of_image>' -}}"
+    "{%- elif item['type'] == 'text' -%}{{- item['text'] | trim -}}{%- endif -%}"
+    "{%- endfor -%}{%- endif -%}"
+    "{{- '<end_of_turn>\\n' -}}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<start_of_turn>model\\n' -}}{%- endif -%}"
+)
+
+
+def _tokenizer():
+    """Byte-level BPE with Gemma's special tokens; BOS prepended like Gemma's (`add_special_tokens=True`)."""
+    from tokenizers import processors
+    from transformers import PreTrainedTokenizerFast
+
+    from vlm_orpo.assets.tiny_model import tokenizer_corpus, train_bpe
+
+    lines = tokenizer_corpus()
+    image = f"\n\n{BOI}{IMAGE * MM_TOKENS_PER_IMAGE}{EOI}\n\n"
+    chat = [f"{BOS}{SOT}user\n{image}{q}{EOT}\n{SOT}model\n{a}{EOT}\n" for q, a in zip(lines[:40], lines[40:80])]
+    tok = train_bpe(SPECIAL_TOKENS, chat)
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, tok.token_to_id(BOS))]
+    )
+    hf_tok = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token=BOS,
+        eos_token=EOT,  # the end of a model turn: what an answer ends with and generation stops at
+        pad_token=PAD,
+        unk_token=UNK,
+        extra_special_tokens={"boi_token": BOI, "eoi_token": EOI, "image_token": IMAGE, "sot_token": SOT,
+                              "eot_token": EOT},
+        padding_side="right",
+        truncation_side="right",
+        model_max_length=4096,
+        clean_up_tokenization_spaces=False,
+    )
+    hf_tok.chat_template = CHAT_TEMPLATE
+    return hf_tok
+
+
+def _processor(hf_tok):
+    from transformers import Gemma3Processor
+    from transformers.utils import is_torchvision_available
+
+    # both backends save image_processor_type "Gemma3ImageProcessor"; AutoProcessor picks the installed one
+    if is_torchvision_available():  # pragma: no cover - depends on installed extras
+        from transformers import Gemma3ImageProcessor as _IP
+    else:
+        from transformers import Gemma3ImageProcessorPil as _IP
+
+    image_processor = _IP(
+        size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
+        image_mean=[0.5, 0.5, 0.5],
+        image_std=[0.5, 0.5, 0.5],
+        do_resize=True,
+        do_rescale=True,
+        do_normalize=True,
+        do_convert_rgb=True,
+        do_pan_and_scan=False,
+    )
+    return Gemma3Processor(image_processor=image_processor, tokenizer=hf_tok, chat_template=CHAT_TEMPLATE,
+                           image_seq_length=MM_TOKENS_PER_IMAGE)
+
+
+def _config(hf_tok):
+    from transformers import Gemma3Config, Gemma3TextConfig, SiglipVisionConfig
+
+    ids = {name: hf_tok.convert_tokens_to_ids(name) for name in SPECIAL_TOKENS}
+    vision = SiglipVisionConfig(
+        image_size=IMAGE_SIZE,
+        patch_size=PATCH_SIZE,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_channels=3,
+        vision_use_head=False,
+    )
+    text = Gemma3TextConfig(
+        vocab_size=len(hf_tok),
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=32,
+        query_pre_attn_scalar=32,
+        layer_types=["sliding_attention", "full_attention"],
+        sliding_window=SLIDING_WINDOW,
+        max_position_embeddings=4096,
+        # see tiny_model.py: HF's 0.02 is tuned for hidden sizes in the thousands
+        initializer_range=0.1,
+        tie_word_embeddings=True,
+        bos_token_id=ids[BOS],
+        eos_token_id=ids[EOT],
+        pad_token_id=ids[PAD],
+    )
+    config = Gemma3Config(
+        text_config=text,
+        vision_config=vision,
+        mm_tokens_per_image=MM_TOKENS_PER_IMAGE,
+        boi_token_index=ids[BOI],
+        eoi_token_index=ids[EOI],
+        image_token_index=ids[IMAGE],
+        initializer_range=0.1,
+        tie_word_embeddings=True,
+    )
+    config.bos_token_id, config.eos_token_id, config.pad_token_id = ids[BOS], ids[EOT], ids[PAD]
+    return config
+
+
+def build_gemma3(out_dir: Path, seed: int = 0) -> Path:
+    """Build the tiny Gemma 3 (processor + model) into `out_dir` (replaced atomically) and return it."""
+    import torch
+    from transformers import Gemma3ForConditionalGeneration, GenerationConfig
+
+    out_dir = Path(out_dir).absolute()
+    with atomic_dir(out_dir) as tmp:
+        hf_tok = _tokenizer()
+        processor = _processor(hf_tok)
+        config = _config(hf_tok)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = Gemma3ForConditionalGeneration(config).to(torch.float32)
+            # transformers starts the projector at zero (image tokens would carry nothing); a trained checkpoint
+            # never has that, and the tests need images that matter
+            torch.nn.init.normal_(model.model.multi_modal_projector.mm_input_projection_weight, std=PROJECTOR_STD)
+        model.generation_config = GenerationConfig(
+            bos_token_id=config.bos_token_id,
+            eos_token_id=[config.eos_token_id, hf_tok.convert_tokens_to_ids(EOS)],
+            pad_token_id=config.pad_token_id,
+        )
+        model.save_pretrained(tmp, safe_serialization=True)
+        processor.save_pretrained(tmp)
+        (tmp / "vlm_orpo_asset.json").write_text(
+            json.dumps({"kind": "tiny-gemma3", "seed": seed, "version": 1}, indent=2) + "\n"
+        )
+    return out_dir
