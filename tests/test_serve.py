@@ -1,7 +1,8 @@
 """`vlm-orpo serve`: the vLLM command it builds, how it stops, and end to end on the bundled tiny model:
 train (short) -> merge -> a real vLLM CPU server whose greedy answer to a chat with a base64 image equals
 transformers', and which refuses requests without its key, remote media and oversized images and bodies ->
-quantize (W4A16) -> served too, where this CPU's vLLM build has the kernel, else refused up front.
+quantize (W4A16) -> served too, where this CPU's vLLM build has the kernel, else refused up front. The tiny
+Qwen2.5-VL (a packed family with M-RoPE and dynamic resolution) goes through train -> merge -> serve as well.
 
 One server of the merged model is shared by every test that can use it: each start costs 30-110 s.
 
@@ -292,18 +293,22 @@ def test_a_server_that_ignores_sigterm_is_killed_after_the_grace_period(monkeypa
 # --------------------------------------------------------------------------- end to end
 
 
-@pytest.fixture(scope="module")
-def trained_merged(asset_cache, tmp_path_factory):
-    """A short ORPO run on the bundled data, its final adapter merged: (adapter, merged)."""
+def train_and_merge(tmp_path_factory, model: str = "bundled", name: str = "tiny-orpo"):
+    """A short ORPO run of `model` on the bundled data, its final adapter merged: (adapter, merged)."""
     from vlm_orpo.deploy.merge import merge_adapter
 
     run = tmp_path_factory.mktemp("run")
-    overrides = ["training.max_steps=3", "training.per_device_train_batch_size=4", "data.eval_limit=8",
-                 "lora.train_projector=false",  # a plain LoRA, which vLLM can also serve unmerged
+    overrides = [f"model.name_or_path={model}", "training.max_steps=3", "training.per_device_train_batch_size=4",
+                 "data.eval_limit=8", "lora.train_projector=false",  # a plain LoRA, which vLLM can also serve unmerged
                  "training.eval_strategy='no'", "training.save_strategy='no'", f"training.output_dir={run}"]
     subprocess.run([sys.executable, "-m", "vlm_orpo.cli", "train", "--config", str(ROOT / "configs/quickstart.yaml"),
                     *overrides], check=True, capture_output=True)
-    return run / "final", merge_adapter(run / "final", tmp_path_factory.mktemp("merged") / "tiny-orpo")
+    return run / "final", merge_adapter(run / "final", tmp_path_factory.mktemp("merged") / name)
+
+
+@pytest.fixture(scope="module")
+def trained_merged(asset_cache, tmp_path_factory):
+    return train_and_merge(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
@@ -339,7 +344,10 @@ def chat_inputs(model_path, sample):
     from PIL import Image
     from transformers import AutoProcessor
 
+    from vlm_orpo.modeling.processor_compat import allow_processors_without_torchvision
+
     png, question = sample
+    allow_processors_without_torchvision()  # Qwen's processor holds a video processor
     processor = AutoProcessor.from_pretrained(model_path)
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
     text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
@@ -461,10 +469,13 @@ def chat_body(model: str, sample, max_tokens: int = 16) -> dict:
 
 @pytest.fixture(scope="module")
 def greedy(trained_merged, sample) -> dict:
+    return greedy_answer(trained_merged[1], sample)
+
+
+def greedy_answer(merged: Path, sample) -> dict:
     """transformers' greedy answer from the merged model: prompt ids, answer ids, their log-probs, text."""
     from transformers import AutoModelForImageTextToText
 
-    merged = trained_merged[1]
     processor, inputs = chat_inputs(merged, sample)
     model = AutoModelForImageTextToText.from_pretrained(merged)
     out = model.generate(**inputs, max_new_tokens=16, do_sample=False, output_scores=True,
@@ -498,6 +509,24 @@ def test_vllm_serves_the_adapter_unmerged_like_the_merged_model(serve_python, tr
     finally:
         server.kill()
     assert_same_answer(reply, greedy)
+
+
+@pytest.mark.slow
+def test_vllm_serves_a_merged_qwen2_5_vl_like_transformers(serve_python, asset_cache, sample, tmp_path_factory):
+    """Issue 12: a packed family with M-RoPE, trained, merged and served; same prompt ids (template, image
+    tokens of its dynamic resolution) and same greedy tokens and log-probs as transformers."""
+    merged = train_and_merge(tmp_path_factory, "bundled:qwen2_5_vl", "tiny-qwen2-5-vl-orpo")[1]
+    expected = greedy_answer(merged, sample)
+    assert expected["prompt_ids"].count(json.loads((merged / "config.json").read_text())["image_token_id"]) == 36
+    workdir = tmp_path_factory.mktemp("serve-qwen")
+    server = Server(merged, workdir, "--dtype", "float32")
+    try:
+        print(f"vLLM ready in {server.wait_ready():.0f} s")
+        reply = server.request("/chat/completions", chat_body(merged.name, sample))
+        server.stop()
+    finally:
+        server.kill()
+    assert_same_answer(reply, expected)
 
 
 @pytest.fixture(scope="module")

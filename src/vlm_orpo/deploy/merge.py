@@ -106,12 +106,14 @@ def merge_adapter(
 
 def _adapter_processor(adapter: Path, trust_remote_code: bool):
     """The processor saved with the adapter by training, if any: it carries the chat template trained with."""
-    from vlm_orpo.config import ModelConfig
-    from vlm_orpo.modeling.load import load_processor
+    from transformers import AutoProcessor
+
+    from vlm_orpo.modeling.processor_compat import allow_processors_without_torchvision
 
     if not (adapter / "processor_config.json").is_file():
         return None
-    return load_processor(ModelConfig(name_or_path=str(adapter), trust_remote_code=trust_remote_code))
+    allow_processors_without_torchvision()  # not load_processor: that refuses an adapter folder as a model
+    return AutoProcessor.from_pretrained(adapter, trust_remote_code=trust_remote_code)
 
 
 def template_adds_bos(processor) -> bool:
