@@ -205,22 +205,25 @@ def multi_rejected_data(asset_cache, folder, k: int) -> str:
         wrong = [c for c in COLOURS if c != row["target"] and c not in row["rejected"]]
         more = [row["rejected"].replace(next(c for c in COLOURS if c in row["rejected"]), c) for c in wrong[: k - 1]]
         lines.append(json.dumps({"image": f"{i}.png", "question": row["question"], "chosen": row["chosen"],
-                                 "rejected": [row["rejected"], *more], "idx": row["idx"], "task": "colour"}))
+                                 "rejected": [row["rejected"], *more], "idx": row["idx"], "task": "colour",
+                                 "target": row["target"]}))
     (folder / "multi.jsonl").write_text("\n".join(lines) + "\n")
     return str(folder / "multi.jsonl")
 
 
 def test_cli_trains_on_three_rejected_per_prompt_with_a_precomputed_reference(asset_cache, tmp_path, capsys):
+    """Train with a live and with a precomputed reference (the same first steps), then evaluate: one per-pair
+    line per (chosen, rejected i) pair and model, and the generations page lists every rejected answer."""
     from test_cli import main_in_process
 
     source = multi_rejected_data(asset_cache, tmp_path, 3)
+    config = ["--config", str(ROOT / "configs" / "quickstart_dpo.yaml"), f"data.source={source}",
+              "data.validation_split=null", "data.validation_fraction=0.25"]
 
     def run(out, *overrides):
         result = main_in_process(
-            capsys, "train", "--config", str(ROOT / "configs" / "quickstart_dpo.yaml"), f"data.source={source}",
-            "data.validation_split=null", "data.validation_fraction=0.25", "training.max_steps=2",
-            "training.logging_steps=1", "training.eval_steps=2", "training.save_steps=2",
-            f"training.output_dir={out}", *overrides)
+            capsys, "train", *config, "training.max_steps=2", "training.logging_steps=1", "training.eval_steps=2",
+            "training.save_steps=2", f"training.output_dir={out}", *overrides)
         assert result.returncode == 0, result.stderr[-3000:]
         return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()], result.stdout
 
@@ -233,3 +236,17 @@ def test_cli_trains_on_three_rejected_per_prompt_with_a_precomputed_reference(as
         for key in ("loss", "rewards/margins", "logps/ref_rejected", "eval_loss", "eval_rewards/margins"):
             if key in a:
                 assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-6), (a["step"], key)
+    result = main_in_process(capsys, "evaluate", *config, "--adapters", str(tmp_path / "pre" / "final"),
+                             "--out", str(tmp_path / "eval"), "--per-pair", str(tmp_path / "pairs.jsonl"),
+                             "--generate", "1")
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = [json.loads(line) for line in (tmp_path / "pairs.jsonl").read_text().splitlines()]
+    assert len(lines) == 2 * 12 * 3  # base and adapter, 12 held-out prompts, 3 pairs each
+    for model in ("base", str(tmp_path / "pre" / "final")):
+        rows = [line for line in lines if line["model"] == model]
+        for first in range(0, len(rows), 3):
+            triple = rows[first : first + 3]
+            assert len({line["idx"] for line in triple}) == 1
+            assert len({str(line["rejected_ids"]) for line in triple}) == 3
+            assert len({line["chosen_logp"] for line in triple}) == 1  # one chosen, scored once, shared
+    assert "rejected: The shape is" in (tmp_path / "eval" / "generations.html").read_text().replace(" | ", "")
