@@ -10,6 +10,9 @@ One process, one model, the same pairs for every variant:
                  (`modeling.attention`)
   packed_flex    the same row with a FlexAttention BlockMask (`shared_prefix.block_mask`)
   <variant>_xN   N pairs per step: plain batches 2N sequences; packed puts all N pairs in one row
+  <variant>_kK   K rejected answers per prompt (--rejected-per-prompt): K pairs (chosen, rejected i) a prompt;
+                 plain runs K + 1 sequences a prompt, each with the image; packed one group [P, C, R1..RK], each
+                 answer seeing only the prompt and itself. The loss is the mean over all N * K pairs
 
 A step is forward + backward of the mean ORPO loss over the step's pairs, LoRA r=16 on every linear layer of
 the language model (random A and B, so every gradient is real); there is no optimizer step (a LoRA AdamW
@@ -29,6 +32,7 @@ Sizes (random weights, built from a config, nothing downloaded):
 
     python benchmarks/step_bench.py --size small --device cpu --json out.json
     python benchmarks/step_bench.py --size 7b --device cuda --pairs-per-step 1 --compile --json out.json
+    python benchmarks/step_bench.py --size small --device cpu --rejected-per-prompt 1 3 7 --json out.json
     python benchmarks/step_bench.py --summarize benchmarks/results/*.json      # markdown table of results
 
 This file is the command line (flags, setup, and a loop of `measure` over the variants); the harness it drives
@@ -59,7 +63,16 @@ except ImportError:  # run from a checkout without `pip install -e .`
 import torch  # noqa: E402
 from bench.env import GIB, device_info, versions  # noqa: E402
 from bench.flops import FORMULA, work_flops  # noqa: E402
-from bench.geometry import LORA_R, SIZES, Size, attach_lora, build_model, crops_per_image, make_pairs  # noqa: E402
+from bench.geometry import (  # noqa: E402
+    LORA_R,
+    SIZES,
+    Size,
+    attach_lora,
+    build_model,
+    crops_per_image,
+    make_pairs,
+    with_rejected,
+)
 from bench.profiling import profile_breakdown  # noqa: E402
 from bench.report import Report, skipped_entry, summarize, timed_entry  # noqa: E402
 from bench.steps import (  # noqa: E402
@@ -108,6 +121,8 @@ def parse_args(argv=None):
     ap.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: bf16 on cuda, fp32 on cpu")
     ap.add_argument("--pairs-per-step", type=int, nargs="+", default=None,
                     help="one or more; default 1 4 8 for small, 1 for 7b")
+    ap.add_argument("--rejected-per-prompt", type=int, nargs="+", default=[1], metavar="K",
+                    help="one or more: rejected answers per prompt (K pairs sharing one prompt); default 1")
     ap.add_argument("--variants", default=",".join(BASE_VARIANTS), help="comma list of " + ", ".join(BASE_VARIANTS))
     ap.add_argument("--grad-checkpointing", nargs="?", const="on", default="off", choices=["off", "on", "both"],
                     help="non-reentrant, for every variant; 'both' runs every variant without, then with it")
@@ -130,15 +145,16 @@ def parse_args(argv=None):
 
 
 def plan(args) -> list[Variant]:
-    """The variants in the order they run: by pairs/step, then grad ckpt off before on, then --variants."""
+    """The variants in the order they run: by pairs/step, then rejected/prompt, then grad ckpt off before on,
+    then --variants."""
     wanted = [v.strip() for v in args.variants.split(",") if v.strip()]
     unknown = set(wanted) - set(BASE_VARIANTS)
     if unknown:
         sys.exit(f"unknown variants {sorted(unknown)}; choose from {BASE_VARIANTS}")
     gc_modes = {"off": [False], "on": [True], "both": [False, True]}[args.grad_checkpointing]
     gc_suffix = "+gc" if args.grad_checkpointing == "both" else ""
-    return [Variant(base + pairs_suffix(n) + (gc_suffix if gc_on else ""), base, n, gc_on)
-            for n in pairs_per_step(args) for gc_on in gc_modes for base in wanted]
+    return [Variant(base + pairs_suffix(n) + rejected_suffix(k) + (gc_suffix if gc_on else ""), base, n, gc_on, k)
+            for n in pairs_per_step(args) for k in rejected_per_prompt(args) for gc_on in gc_modes for base in wanted]
 
 
 def pairs_per_step(args) -> list[int]:
@@ -148,6 +164,17 @@ def pairs_per_step(args) -> list[int]:
 def pairs_suffix(n: int) -> str:
     """Variant names carry their pairs/step from 2 on: plain, plain_x4."""
     return "" if n == 1 else f"_x{n}"
+
+
+def rejected_per_prompt(args) -> list[int]:
+    if min(args.rejected_per_prompt) < 1:
+        sys.exit("--rejected-per-prompt must be >= 1")
+    return sorted(set(args.rejected_per_prompt))
+
+
+def rejected_suffix(k: int) -> str:
+    """Variant names carry their rejected/prompt from 2 on: plain_x4, plain_x4_k3."""
+    return "" if k == 1 else f"_k{k}"
 
 
 def setup(args) -> Bench:
@@ -163,10 +190,11 @@ def setup(args) -> Bench:
     size = SIZES[args.size]
     warmup = max(args.warmup, 3) if args.compile else args.warmup  # compile, then the dynamic-shape recompile
     log(f"size={args.size} device={device} dtype={dtype} pairs/step={pairs_per_step(args)} "
+        f"rejected/prompt={rejected_per_prompt(args)} "
         f"grad_ckpt={args.grad_checkpointing} compile={args.compile}")
     t0 = time.perf_counter()
     model = build_model(size, device, dtype, args.seed)
-    pairs = make_pairs(model, size, max(pairs_per_step(args)), args.seed)
+    pairs = make_pairs(model, size, max(pairs_per_step(args)), args.seed, max(rejected_per_prompt(args)))
     model = attach_lora(model, args.lora_r, args.adapter_dtype)
     model.train()
     if args.compile:
@@ -198,6 +226,7 @@ def header(b: Bench) -> dict:
             "model": size.description,
             "dtype": str(b.dtype).replace("torch.", ""),
             "pairs_per_step": pairs_per_step(args),
+            "rejected_per_prompt": rejected_per_prompt(args),
             "grad_checkpointing": args.grad_checkpointing,
             "compile": args.compile,
             "steps": args.steps,
@@ -215,7 +244,8 @@ def header(b: Bench) -> dict:
             "seed": args.seed,
             "setup_s": b.setup_s,
         },
-        "pairs": [{"prompt": len(p.prompt_ids), "chosen": len(p.chosen_ids), "rejected": len(p.rejected_ids)}
+        "pairs": [{"prompt": len(p.prompt_ids), "chosen": len(p.chosen_ids), "rejected": len(p.rejected_ids),
+                   **({"more_rejected": list(map(len, p.more_rejected_ids))} if p.more_rejected_ids else {})}
                   for p in b.pairs],
     }
 
@@ -239,7 +269,8 @@ def measure(b: Bench, v: Variant, values: dict) -> tuple[dict, tuple | None, dic
     variants that cannot run on this device become entries with the reason; `values` are those measured so far."""
     t0 = time.perf_counter()
     set_grad_checkpointing(b.model, v.grad_checkpointing)
-    step = prepare_step(b.model, v.base, b.pairs[: v.n_pairs], b.device, b.dtype, PAD_ID, b.size.image_token_id)
+    pairs = with_rejected(b.pairs[: v.n_pairs], v.rejected_per_prompt)
+    step = prepare_step(b.model, v.base, pairs, b.device, b.dtype, PAD_ID, b.size.image_token_id)
     set_attention_backend(b.model, step.backend)
     if v.base == "packed_flex" and b.device.type != "cuda":
         entry, vals = flex_forward_only(v, step, values)
@@ -279,12 +310,13 @@ def measure(b: Bench, v: Variant, values: dict) -> tuple[dict, tuple | None, dic
     return entry, vals, profile, False
 
 
-def check_reference(b: Bench, report: Report, n: int):
+def check_reference(b: Bench, report: Report, v: Variant):
     """Forward-only values of `modeling.plain.plain_logps` (the tests' oracle) head the loss check."""
-    name = "plain_logps" + pairs_suffix(n)
+    n, k = v.group
+    name = "plain_logps" + pairs_suffix(n) + rejected_suffix(k)
     set_attention_backend(b.model, "sdpa")
     try:
-        report.add_reference(name, n, reference_values(b.model, b.pairs[:n], PAD_ID))
+        report.add_reference(name, v.group, reference_values(b.model, with_rejected(b.pairs[:n], k), PAD_ID))
     except torch.OutOfMemoryError:
         free_memory(b.device)
         log(f"{name}: out of memory (reference check skipped)")
@@ -296,11 +328,11 @@ def run(args) -> int:
     b = setup(args)
     report = Report(args.json, header(b), b.dtype, args.baseline, t_start)
     with_plain = any(v.base == "plain" for v in variants)
-    checked = set()  # pairs/step whose `plain_logps` reference was taken, before their first variant
+    checked = set()  # groups whose `plain_logps` reference was taken, before their first variant
     for v in variants:
-        if with_plain and v.n_pairs not in checked:
-            checked.add(v.n_pairs)
-            check_reference(b, report, v.n_pairs)
+        if with_plain and v.group not in checked:
+            checked.add(v.group)
+            check_reference(b, report, v)
         report.add(v.name, *measure(b, v, report.values))
     title = (f"# step_bench profile: size {args.size}, {b.info.get('name')}, {report.data['config']['dtype']}, "
              f"compile={args.compile}, {report.data['date']}")

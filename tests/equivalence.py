@@ -1,7 +1,10 @@
 """The equivalence check every family on the packed path passes: the packed shared-prefix forward against the
-plain two-sequence forward (`modeling.plain`), on per-pair log-probs, the ORPO loss and every LoRA gradient."""
+plain two-sequence forward (`modeling.plain`), on per-pair log-probs, the ORPO loss and every LoRA gradient; with
+several rejected answers per prompt (`with_rejected`), against the plain forward of k + 1 sequences."""
 
 from __future__ import annotations
+
+import dataclasses
 
 from peft import LoraConfig, get_peft_model
 
@@ -33,6 +36,13 @@ def grads_and_loss(model, compute):
     terms["loss"].mean().backward()
     grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     return logps, terms, grads
+
+
+def with_rejected(pairs, k):
+    """Each pair given k rejected answers: its own, then other pairs' (of other lengths) as rejected 2..k."""
+    n = len(pairs)
+    return [dataclasses.replace(p, more_rejected_ids=[pairs[(i + j) % n].rejected_ids[: 2 + (i + j) % 5]
+                                                      for j in range(1, k)]) for i, p in enumerate(pairs)]
 
 
 def rel_err(a, b):

@@ -19,7 +19,7 @@ from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor
 from transformers.models.gemma3.modeling_gemma3 import create_masks_for_vision_model, get_block_sequence_ids_for_mask
 
-from equivalence import assert_equivalent, rel_err
+from equivalence import assert_equivalent, rel_err, with_rejected
 from vlm_orpo.assets import ensure_tiny_model
 from vlm_orpo.assets.tiny_gemma3 import MM_TOKENS_PER_IMAGE, SLIDING_WINDOW, build_gemma3
 from vlm_orpo.config import ModelConfig
@@ -218,6 +218,15 @@ def test_packed_equals_plain(g3, window, layout, gradient_checkpointing):
     assert batch["input_ids"].shape[1] > 2 * window
     if rows == 2:
         assert (batch["span"] == -1).any(), "rows of unequal length must be padded"
+
+
+@pytest.mark.parametrize("window", WINDOWS)
+def test_three_rejected_per_prompt_equal_the_plain_forward(g3, window):
+    """[P, C, R1, R2, R3] groups in one row: every answer's window is measured from its own restarted positions,
+    and the image block stays bidirectional inside each prompt."""
+    groups = with_rejected(g3.pairs[:3], 3)
+    batch = assert_equivalent(tiny(g3, window), groups, g3.pad_id, g3.image_id, sum(map(len, groups)))
+    assert batch["input_ids"].shape[0] == 1 and len(batch["meta"]) == 9
 
 
 def logps_with_masks(g3, monkeypatch, window, masks):

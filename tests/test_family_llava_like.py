@@ -17,7 +17,7 @@ import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from equivalence import assert_equivalent
+from equivalence import assert_equivalent, with_rejected
 from vlm_orpo.assets import ensure_tiny_model
 from vlm_orpo.data.packing import PackedCollator, PairEncoder
 from vlm_orpo.images import open_image
@@ -149,6 +149,14 @@ def test_packed_equals_plain(fam, layout, backend):
     assert len({len(p) for p in pairs}) > 1, "the test needs pairs of different lengths"
     batch = assert_equivalent(tiny(fam, backend), pairs, fam.pad_id, fam.image_id, row_caps(pairs)[layout])
     check_rows(batch, layout)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_three_rejected_per_prompt_equal_the_plain_forward(fam, backend):
+    """[P, C, R1, R2, R3] groups, two a row: each answer sees only its prompt and itself."""
+    groups = with_rejected(fam.pairs[:3], 3)
+    batch = assert_equivalent(tiny(fam, backend), groups, fam.pad_id, fam.image_id, len(groups[0]) + len(groups[1]))
+    assert batch["input_ids"].shape[0] == 2 and len(batch["meta"]) == 9
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 import vlm_orpo.modeling.families.qwen2_vl as qwen_family  # makes Qwen-VL processors load without torchvision
-from equivalence import assert_equivalent, rel_err
+from equivalence import assert_equivalent, rel_err, with_rejected
 from vlm_orpo.data.packing import EncodedPair, PackedCollator, PairEncoder, PlainCollator
 from vlm_orpo.modeling.families import ModelFamily, family_for
 from vlm_orpo.modeling.shared_prefix import packed_logps, set_attention_backend
@@ -82,6 +82,14 @@ def test_packed_equals_plain(tiny, backend, layout):
     assert batch["input_ids"].shape[0] == rows
     if rows > 1:
         assert (batch["span"] == -1).any(), "rows of unequal length must be padded"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_three_rejected_per_prompt_equal_the_plain_forward(tiny, backend):
+    """Every answer of a group [P, C, R1, R2, R3] continues the prompt's M-RoPE positions on all three axes."""
+    groups = with_rejected(tiny.pairs[:3], 3)
+    batch = assert_equivalent(tiny.model(backend), groups, tiny.pad_id, tiny.image_id, 4000)  # one row
+    assert batch["input_ids"].shape[0] == 1 and len(batch["meta"]) == 9
 
 
 def test_the_family_entry(tiny):

@@ -214,3 +214,24 @@ def test_profile_aggregation_charges_gpu_kernels_to_model_parts():
     assert kinds == pytest.approx({"matmul": 300.0, "attention kernel": 40.0,
                                    "fused elementwise/reduction (triton)": 60.0})
     assert out["by_part_fwd_bwd"]["LM head [bwd]"]["share"] == pytest.approx(0.5)
+
+
+def test_three_rejected_per_prompt_packed_vs_plain(tmp_path):
+    """`--rejected-per-prompt 3`: plain runs 4 sequences a prompt, packed one group [P, C, R1, R2, R3]; the
+    losses (mean over all 2 x 3 pairs) agree, and the packed step runs the image and prompt once per prompt."""
+    paths = [str(REPO / "src"), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(paths))
+    cmd = [sys.executable, str(BENCH), "--size", "small", "--device", "cpu", "--pairs-per-step", "2",
+           "--rejected-per-prompt", "3", "--variants", "plain,packed_pairs", "--steps", "1", "--warmup", "1",
+           "--json", str(tmp_path / "r.json")]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["config"]["rejected_per_prompt"] == [3] and len(report["pairs"][0]["more_rejected"]) == 2
+    plain, packed = report["variants"]["plain_x2_k3"], report["variants"]["packed_pairs_x2_k3"]
+    assert report["loss_check"]["ok"] and len(report["loss_check"]["details"]) == 2  # both against plain_logps
+    assert packed["loss"] == pytest.approx(plain["loss"], rel=1e-4)
+    assert len(packed["chosen_logp"]) == len(plain["rejected_logp"]) == 6
+    assert (plain["images_per_step"], packed["images_per_step"]) == (8, 2)
+    assert packed["rejected_per_prompt"] == 3 and packed["pairs_per_s"] == pytest.approx(6 / packed["median_s"])
+    assert packed["tokens_per_step"] < plain["tokens_per_step"] / 2

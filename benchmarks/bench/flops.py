@@ -91,23 +91,23 @@ def step_flops(size: Size, tokens: int, attended_pairs: int, logit_rows: int, cr
 
 
 def plain_work(pairs: list[EncodedPair]) -> dict:
-    """What a plain step runs: both sequences of every pair in full, causal, logits on every position."""
-    seqs = [len(p.prompt_ids) + len(a) for p in pairs for a in (p.chosen_ids, p.rejected_ids)]
+    """What a plain step runs: the k + 1 sequences of every prompt in full, causal, logits on every position."""
+    seqs = [len(p.prompt_ids) + len(a) for p in pairs for a in (p.chosen_ids, *p.all_rejected_ids)]
     return {
         "tokens": sum(seqs),
         "attended_pairs": sum(n * (n + 1) // 2 for n in seqs),
         "logit_rows": sum(seqs),
-        "images": 2 * len(pairs),
+        "images": len(seqs),
     }
 
 
 def packed_work(pairs: list[EncodedPair], batch: dict) -> dict:
-    """What a packed step runs: the prefix once, rejected attending to the prompt and itself but never to chosen,
+    """What a packed step runs: the prefix once, each rejected answer attending to the prompt and itself only,
     logits only on the rows the collator keeps."""
     attended = 0
     for p in pairs:
-        P, C, R = len(p.prompt_ids), len(p.chosen_ids), len(p.rejected_ids)
-        attended += (P + C) * (P + C + 1) // 2 + R * P + R * (R + 1) // 2
+        P, C = len(p.prompt_ids), len(p.chosen_ids)
+        attended += (P + C) * (P + C + 1) // 2 + sum(R * P + R * (R + 1) // 2 for R in map(len, p.all_rejected_ids))
     return {
         "tokens": sum(len(p) for p in pairs),
         "attended_pairs": attended,

@@ -197,11 +197,12 @@ def answer_length(size: Size, rng: np.random.Generator) -> int:
     return int(np.clip(np.rint(rng.lognormal(mean=math.log(size.answer_median), sigma=size.answer_sigma)), lo, hi))
 
 
-def make_pairs(model, size: Size, n: int, seed: int) -> list[EncodedPair]:
+def make_pairs(model, size: Size, n: int, seed: int, rejected_per_prompt: int = 1) -> list[EncodedPair]:
     """`n` pairs, each with its own random-pixel image of `size.image_hw` and random token ids.
 
     Prompt: BOS, a few [INST] tokens, the image tokens, the rest of the question; answers (lognormal lengths,
-    chosen and rejected drawn independently) end in EOS. Pair i depends only on (seed, i).
+    chosen and rejected drawn independently) end in EOS. Pair i depends only on (seed, i); its rejected answers
+    2..k are drawn after everything else, so `with_rejected` of these pairs at a smaller k gives the same pairs.
     """
     from PIL import Image
 
@@ -232,9 +233,17 @@ def make_pairs(model, size: Size, n: int, seed: int) -> list[EncodedPair]:
                 chosen_ids=[*tokens(chosen_len - 1), 2],
                 rejected_ids=[*tokens(rejected_len - 1), 2],
                 image_inputs=image_inputs,
+                more_rejected_ids=[[*tokens(answer_length(size, rng) - 1), 2] for _ in range(rejected_per_prompt - 1)],
             )
         )
     return pairs
+
+
+def with_rejected(pairs: list[EncodedPair], k: int) -> list[EncodedPair]:
+    """The pairs with their first k rejected answers (made with at least k by `make_pairs`)."""
+    if any(p.rejected_count < k for p in pairs):
+        raise ValueError(f"the pairs were made with fewer than {k} rejected answers")
+    return [replace(p, more_rejected_ids=p.more_rejected_ids[: k - 1]) for p in pairs]
 
 
 def attach_lora(model, r: int = LORA_R, adapter_dtype: str = "fp32"):

@@ -33,9 +33,9 @@ class Report:
         self.t_start = t_start  # wall_s counts the whole run, setup included
         self.data = {**header, "variants": {}}
 
-    def add_reference(self, name: str, n_pairs: int, values: tuple):
-        """Loss values that go first in their pairs/step group of the loss check (`plain_logps` itself)."""
-        self.reference[name] = (n_pairs, values)
+    def add_reference(self, name: str, group: tuple[int, int], values: tuple):
+        """Loss values that go first in their group (`Variant.group`) of the loss check (`plain_logps` itself)."""
+        self.reference[name] = (group, values)
 
     def add(self, name: str, entry: dict, values: tuple | None = None, profile: dict | None = None,
             failed: bool = False):
@@ -91,10 +91,11 @@ def timed_entry(variant: Variant, step: Step, times: list[float], values: tuple,
     return {
         "base": variant.base,
         "pairs_per_step": variant.n_pairs,
+        "rejected_per_prompt": variant.rejected_per_prompt,
         "grad_checkpointing": variant.grad_checkpointing,
         "backend": step.backend,
         "median_s": median,
-        "pairs_per_s": variant.n_pairs / median,
+        "pairs_per_s": variant.n_pairs * variant.rejected_per_prompt / median,  # preference pairs (chosen, rejected i)
         "tokens_per_s": work["tokens"] / median,
         "mfu": flops["total"] / median / peak_flops if peak_flops else None,
         "peak_gib": peak_gib,
@@ -119,9 +120,10 @@ def skipped_entry(reason: str, variant: Variant, work: dict | None = None, forwa
     """A variant that did not run here, with the reason; the contract's numbers are null, except the loss when a
     forward-only loss was taken instead."""
     entry = {
-        "base": variant.base, "pairs_per_step": variant.n_pairs, "grad_checkpointing": variant.grad_checkpointing,
-        "skipped": reason, "median_s": None, "pairs_per_s": None, "tokens_per_s": None, "mfu": None,
-        "peak_gib": None, "loss": None, "tokens_per_step": (work or {}).get("tokens"),
+        "base": variant.base, "pairs_per_step": variant.n_pairs, "rejected_per_prompt": variant.rejected_per_prompt,
+        "grad_checkpointing": variant.grad_checkpointing, "skipped": reason, "median_s": None, "pairs_per_s": None,
+        "tokens_per_s": None, "mfu": None, "peak_gib": None, "loss": None,
+        "tokens_per_step": (work or {}).get("tokens"),
     }
     if forward_values is not None:
         loss, chosen, rejected = forward_values
@@ -129,20 +131,26 @@ def skipped_entry(reason: str, variant: Variant, work: dict | None = None, forwa
     return entry
 
 
+def entry_group(v: dict) -> tuple[int, int]:
+    """An entry's `Variant.group`: (pairs/step, rejected/prompt); files from before several rejected had k = 1."""
+    return v["pairs_per_step"], v.get("rejected_per_prompt", 1)
+
+
 def add_speedups(results: dict, baseline: dict, baseline_name: str | None):
-    """speedup_vs_plain: plain's median / this median, same pairs/step and grad ckpt (this run, else --baseline)."""
+    """speedup_vs_plain: plain's median / this median, same pairs/step, rejected/prompt and grad ckpt (this run,
+    else --baseline)."""
     for r in results.values():
-        key = (r["pairs_per_step"], r["grad_checkpointing"])
+        key = (*entry_group(r), r["grad_checkpointing"])
         here = next((v["median_s"] for v in results.values() if v["base"] == "plain" and v.get("median_s")
-                     and (v["pairs_per_step"], v["grad_checkpointing"]) == key), None)
+                     and (*entry_group(v), v["grad_checkpointing"]) == key), None)
         ref = here or baseline.get(key)
         r["speedup_vs_plain"] = ref / r["median_s"] if ref and r.get("median_s") else None
         r["speedup_ref"] = ("this run" if here else baseline_name) if r["speedup_vs_plain"] else None
 
 
 def load_baseline(path: str | None, seed: int, size: str) -> tuple[dict, dict]:
-    """From a --baseline file: plain medians by (pairs/step, grad ckpt), and plain's loss values by name for
-    the loss check (only when that run used the same size and seed, i.e. the same weights and pairs)."""
+    """From a --baseline file: plain medians by (pairs/step, rejected/prompt, grad ckpt), and plain's loss values
+    by name for the loss check (only when that run used the same size and seed, i.e. the same weights and pairs)."""
     medians, reference = {}, {}
     if path:
         rep = json.loads(Path(path).read_text())
@@ -150,29 +158,30 @@ def load_baseline(path: str | None, seed: int, size: str) -> tuple[dict, dict]:
         for name, v in rep["variants"].items():
             if v.get("base") != "plain" or not v.get("median_s"):
                 continue
-            medians[(v["pairs_per_step"], _entry_gc(rep, v))] = v["median_s"]
+            medians[(*entry_group(v), _entry_gc(rep, v))] = v["median_s"]
             if same_inputs and v.get("chosen_logp") and f"baseline:{name}" not in reference:
                 vals = (v["loss"], torch.tensor(v["chosen_logp"]), torch.tensor(v["rejected_logp"]))
-                reference[f"baseline:{name}"] = (v["pairs_per_step"], vals)
+                reference[f"baseline:{name}"] = (entry_group(v), vals)
     return medians, reference
 
 
 def loss_check(values: dict, results: dict, dtype, reference: dict | None = None) -> dict:
-    """Within each pairs/step group: every variant's loss and per-pair mean log-probs against the first one.
+    """Within each group (pairs/step, rejected/prompt): every variant's loss and per-pair mean log-probs against
+    the first one.
 
-    `reference` ({name: (pairs_per_step, values)}) goes first in its group: forward-only values of
+    `reference` ({name: (group, values)}) goes first in its group: forward-only values of
     `modeling.plain.plain_logps`, and the plain variants of a --baseline file measured with the same seed
     (so the same weights and pairs), so a run without plain is still checked.
     """
     rtol = LOSS_RTOL[dtype]
     values = dict(values)
-    groups: dict[int, list[str]] = {}
-    for name, (n, vals) in (reference or {}).items():
+    groups: dict[tuple[int, int], list[str]] = {}
+    for name, (group, vals) in (reference or {}).items():
         values[name] = vals
-        groups.setdefault(n, []).append(name)
+        groups.setdefault(group, []).append(name)
     for name in values:
         if name in results:
-            groups.setdefault(results[name]["pairs_per_step"], []).append(name)
+            groups.setdefault(entry_group(results[name]), []).append(name)
     ok, details, worst = True, [], {}
     for n, names in groups.items():
         ref = names[0]
@@ -190,9 +199,10 @@ def loss_check(values: dict, results: dict, dtype, reference: dict | None = None
             details.append(f"{name} vs {ref}: loss {loss:.6f} vs {r_loss:.6f}, max rel err {err:.2e} "
                            f"{'ok' if good else 'MISMATCH'}")
         if len(names) == 1:
-            details.append(f"{ref}: loss {r_loss:.6f} (nothing to compare at {n} pairs/step)")
+            details.append(f"{ref}: loss {r_loss:.6f} (nothing to compare at {n[0]} pairs/step, "
+                           f"{n[1]} rejected/prompt)")
     return {"ok": bool(ok), "rtol": rtol, "tolerance": f"relative {rtol:g} ({str(dtype).replace('torch.', '')})",
-            "compared": "loss and per-pair mean chosen/rejected log-probs, per pairs/step group",
+            "compared": "loss and per-pair mean chosen/rejected log-probs, per (pairs/step, rejected/prompt) group",
             "max_rel_err": worst, "details": details}
 
 
@@ -205,16 +215,17 @@ def format_table(report: dict) -> str:
     head = (f"{report['config']['size']} on {dev.get('name')} ({dev['type']}), {report['config']['dtype']}, "
             f"grad_ckpt={report['config']['grad_checkpointing']}, compile={report['config']['compile']}, "
             f"{report['config']['steps']} timed steps")
-    cols = ["variant", "pairs/step", "median s", "pairs/s", "tokens/s", "tokens/step", "MFU", "peak GiB", "loss",
-            "vs plain"]
+    cols = ["variant", "pairs/step", "rejected/prompt", "median s", "pairs/s", "tokens/s", "tokens/step", "MFU",
+            "peak GiB", "loss", "vs plain"]
     rows = []
     for name, r in report["variants"].items():
+        n, k = map(str, entry_group(r))
         if r.get("skipped"):
-            rows.append([name, str(r["pairs_per_step"]), "skipped", "", "", _fmt(r.get("tokens_per_step"), "d"), "",
+            rows.append([name, n, k, "skipped", "", "", _fmt(r.get("tokens_per_step"), "d"), "",
                          "", _fmt(r.get("loss"), ".5f"), ""])
             continue
         rows.append([
-            name, str(r["pairs_per_step"]), _fmt(r["median_s"], ".4f"), _fmt(r["pairs_per_s"], ".2f"),
+            name, n, k, _fmt(r["median_s"], ".4f"), _fmt(r["pairs_per_s"], ".2f"),
             _fmt(r["tokens_per_s"], ".0f"), _fmt(r["tokens_per_step"], "d"), _fmt(r["mfu"], ".1%"),
             _fmt(r["peak_gib"], ".2f"), _fmt(r["loss"], ".5f"), _fmt(r.get("speedup_vs_plain"), ".2f") + "x"
             if r.get("speedup_vs_plain") else "-",
@@ -237,7 +248,8 @@ def _entry_gc(rep: dict, v: dict) -> bool:
 def summarize(paths: list[str]) -> str:
     """One markdown table over several result files (e.g. everything gpu_run.sh wrote).
 
-    "vs eager plain" compares with the uncompiled plain variant at the same pairs/step and grad-ckpt setting,
+    "vs eager plain" compares with the uncompiled plain variant at the same pairs/step, rejected/prompt and
+    grad-ckpt setting,
     from any of the files measured on the same device name.
     """
     reports = []
@@ -252,20 +264,21 @@ def summarize(paths: list[str]) -> str:
             continue
         for v in rep["variants"].values():
             if v.get("base") == "plain" and v.get("median_s"):
-                key = (rep["device"].get("name"), rep["config"]["size"], v["pairs_per_step"], _entry_gc(rep, v))
+                key = (rep["device"].get("name"), rep["config"]["size"], *entry_group(v), _entry_gc(rep, v))
                 eager_plain[key] = v
-    cols = ["file", "variant", "pairs/step", "grad ckpt", "compile", "median s", "pairs/s", "MFU", "peak GiB",
+    cols = ["file", "variant", "pairs/step", "rejected/prompt", "grad ckpt", "compile", "median s", "pairs/s", "MFU",
+            "peak GiB",
             "loss", "vs eager plain", "mem vs eager plain"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
     for path, rep in reports:
         c = rep["config"]
         for name, v in rep["variants"].items():
             gc_on = _entry_gc(rep, v)
-            ref = eager_plain.get((rep["device"].get("name"), c["size"], v["pairs_per_step"], gc_on))
+            ref = eager_plain.get((rep["device"].get("name"), c["size"], *entry_group(v), gc_on))
             speed = ref["median_s"] / v["median_s"] if ref and v.get("median_s") else None
             mem = v["peak_gib"] / ref["peak_gib"] if ref and v.get("peak_gib") and ref.get("peak_gib") else None
             lines.append("| " + " | ".join([
-                Path(path).name, name, str(v["pairs_per_step"]), "on" if gc_on else "off", str(c["compile"]),
+                Path(path).name, name, *map(str, entry_group(v)), "on" if gc_on else "off", str(c["compile"]),
                 "skipped: " + v["skipped"][:60] if v.get("skipped") else _fmt(v["median_s"], ".4f"),
                 _fmt(v.get("pairs_per_s"), ".2f"), _fmt(v.get("mfu"), ".1%"), _fmt(v.get("peak_gib"), ".1f"),
                 _fmt(v.get("loss"), ".4f"), (_fmt(speed, ".2f") + "x") if speed else "-",

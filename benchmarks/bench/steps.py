@@ -23,12 +23,19 @@ LOSS = LossConfig(type="orpo", orpo_lambda=0.1)
 
 @dataclass(frozen=True)
 class Variant:
-    """What to measure: a base variant at a number of pairs per step, with or without grad checkpointing."""
+    """What to measure: a base variant at a number of prompts per step, each with k rejected answers (k pairs),
+    with or without grad checkpointing."""
 
     name: str
     base: str  # plain | packed_sdpa | packed_pairs | packed_flex
-    n_pairs: int
+    n_pairs: int  # prompts per step (pairs, at one rejected answer per prompt)
     grad_checkpointing: bool
+    rejected_per_prompt: int = 1
+
+    @property
+    def group(self) -> tuple[int, int]:
+        """Variants of one group run the same pairs: their losses must agree, and plain's median is the speed-up's."""
+        return self.n_pairs, self.rejected_per_prompt
 
 
 @dataclass
@@ -52,8 +59,9 @@ def to_device(batch: dict, device: torch.device, dtype: torch.dtype) -> dict:
 
 
 def prepare_step(model, base: str, pairs: list[EncodedPair], device, dtype, pad_id: int, image_id: int) -> Step:
-    """Plain: `modeling.plain`'s two sequences per pair with full logits (TRL's layout); packed: all pairs
-    in one shared-prefix row (the model holds the attention backend, set by the caller from `Step.backend`)."""
+    """Plain: `modeling.plain`'s k + 1 sequences per prompt with full logits (TRL's layout); packed: all prompts
+    with all their answers in one shared-prefix row (the model holds the attention backend, set by the caller from
+    `Step.backend`)."""
     if base == "plain":
         batch = to_device(PlainCollator(pad_id, image_id, keep_all_logits=True)(pairs), device, dtype)
         return Step(lambda: plain_logps(model, batch), plain_work(pairs), "sdpa")

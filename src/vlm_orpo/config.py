@@ -61,7 +61,8 @@ class DataConfig:
     validation_fraction: float = 0.0
     subset_fraction: float = 1.0  # the seed trained on 10% of RLAIF-V
     seed: int = 42
-    columns: dict[str, str] = field(default_factory=dict)  # canonical name -> column, e.g. {"question": "prompt"}
+    # canonical name -> column, e.g. {"question": "prompt"}; rejected may list several, e.g. [rejected_1, rejected_2]
+    columns: dict[str, str | list[str]] = field(default_factory=dict)
     where: dict[str, Any] = field(default_factory=dict)  # keep rows whose column is one of these values
     max_answer_tokens: int = 128
     max_prompt_tokens: int | None = None  # longer prompts (image tokens included) are skipped, never cut

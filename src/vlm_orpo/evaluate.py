@@ -245,6 +245,7 @@ def pope_scores(model, encoder: PairEncoder, rows: list[dict]) -> dict[str, floa
 def write_generations(path: Path, dataset, generations: dict[str, list[str]]) -> dict[str, float]:
     """Side-by-side HTML; on the synthetic set (task/target columns) also a task-level hallucination rate."""
     from vlm_orpo.assets.synthetic import score_answer
+    from vlm_orpo.data.validation import rejected_answers
 
     names = list(generations)
     n = len(generations[names[0]])
@@ -269,7 +270,7 @@ def write_generations(path: Path, dataset, generations: dict[str, list[str]]) ->
         cells.append(
             f"<tr><td><img src='{png_data_url(open_image(row['image']))}' width='160'></td>"
             f"<td>{html.escape(question)}<br><small>chosen: {html.escape(row['chosen'])}<br>"
-            f"rejected: {html.escape(row['rejected'])}</small></td>{''.join(answers)}</tr>"
+            f"rejected: {html.escape(' | '.join(rejected_answers(row)))}</small></td>{''.join(answers)}</tr>"
         )
     rates = {name: 1 - correct[name] / scored for name in names} if scored else {}
     summary = "".join(f"<li>{html.escape(k)}: {v:.1%}</li>" for k, v in rates.items())

@@ -37,6 +37,7 @@ from vlm_orpo.modeling.shared_prefix import attention_backend, unwrap
 log = logging.getLogger(__name__)
 
 REFERENCE_FILE = "reference_logps.safetensors"  # in the run directory
+_GROUPS = "{}.pairs_per_group"  # beside each dataset's sums: how many derived pairs each row has
 
 
 def peft_model(model):
@@ -156,37 +157,42 @@ def precompute(reference, model, datasets: dict[str, PairDataset], collator, bat
     tensors = None
     if path.is_file():
         with safe_open(path, "pt") as f:
-            if (f.metadata() or {}).get("key") == key and set(f.keys()) == set(datasets):
-                tensors = {name: f.get_tensor(name) for name in datasets}
+            if (f.metadata() or {}).get("key") == key and set(f.keys()) == {*datasets, *map(_GROUPS.format, datasets)}:
+                tensors = {name: f.get_tensor(name) for name in f.keys()}
                 log.info("reference log-probs: reusing %s", path)
     if tensors is None:
         log.info("reference log-probs: one pass of %s over %s", reference,
                  ", ".join(f"{len(d)} {name} pairs" for name, d in datasets.items()))
-        tensors = {name: _reference_sums(reference, model, d, collator, batch_size) for name, d in datasets.items()}
+        tensors = {}
+        for name, dataset in datasets.items():
+            sums, groups = _reference_sums(reference, model, dataset, collator, batch_size)
+            tensors[name], tensors[_GROUPS.format(name)] = sums, groups
         path.parent.mkdir(parents=True, exist_ok=True)
         partial = path.with_name(path.name + ".partial")
         save_file(tensors, partial, metadata={"key": key, "facts": json.dumps(facts, default=str)})
         partial.replace(path)
     for name, dataset in datasets.items():
-        dataset.reference_logps = tensors[name]
+        dataset.reference_logps = list(tensors[name].split(tensors[_GROUPS.format(name)].tolist()))
     return Precomputed(str(reference))
 
 
 @torch.no_grad()
-def _reference_sums(reference, model, dataset: PairDataset, collator, batch_size: int) -> torch.Tensor:
-    """[pairs, len(Part)] reference log-prob sums (prompt, chosen, rejected) in dataset order."""
+def _reference_sums(reference, model, dataset: PairDataset, collator, batch_size: int) -> tuple[torch.Tensor, ...]:
+    """[derived pairs, len(Part)] reference log-prob sums (prompt, chosen, rejected) in dataset order, and each
+    row's number of derived pairs (its rejected answers) [rows], which splits them back by row."""
 
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collator)
-    sums = []
+    sums, groups = [], []
     try:
         for batch in loader:
             logps = reference.logps(model, move_batch(batch, device))
             prompt = logps.prompt_sum if logps.prompt_sum is not None else torch.zeros_like(logps.chosen_sum)
             parts = {Part.PROMPT: prompt, Part.CHOSEN: logps.chosen_sum, Part.REJECTED: logps.rejected_sum}
             sums.append(torch.stack([parts[p] for p in Part], dim=1).float().cpu())
+            groups.append(batch["pairs_per_group"])
     finally:
         model.train(was_training)
-    return torch.cat(sums)
+    return torch.cat(sums), torch.cat(groups)

@@ -36,9 +36,23 @@ class PairScores:
         return {**{name: v.mean().item() for name, v in self.values.items()}, "pairs": float(len(self))}
 
 
+def gathered_pairs(accelerator, value: torch.Tensor, pairs_per_group: torch.Tensor) -> torch.Tensor:
+    """One batch's per-pair values from every process, in order, each dataset row's pairs once.
+
+    accelerate's `gather_for_metrics` drops the rows it repeated to even out the last batch by cutting the
+    gathered dim 0 to the rows left, so it must see one entry per row (a prompt with k rejected answers has k
+    pairs): the values go as [rows, most rejected answers], padded across processes, with a mask of real pairs."""
+    counts = pairs_per_group.to(value.device)
+    real = torch.arange(int(counts.max()), device=value.device) < counts[:, None]
+    by_row = value.new_zeros(real.shape).masked_scatter(real, value)
+    by_row, real = (accelerator.gather_for_metrics(accelerator.pad_across_processes(t, dim=1))
+                    for t in (by_row, real.long()))
+    return by_row[real.bool()]
+
+
 @torch.no_grad()
-def score_batches(model, batches, loss_cfg: LossConfig, gather=None, reference=None) -> PairScores:
-    """Score an iterable of packed batches; `gather` (e.g. accelerate's gather_for_metrics) joins processes.
+def score_batches(model, batches, loss_cfg: LossConfig, accelerator=None, reference=None) -> PairScores:
+    """Score an iterable of packed batches; `accelerator` (the trainer's) joins processes (`gathered_pairs`).
 
     A loss with a reference scores it too: `reference` (the trainer's), else the one `model` implies (a PEFT
     model with its adapter disabled, `loss.reference_model`, or a plain model itself)."""
@@ -52,14 +66,16 @@ def score_batches(model, batches, loss_cfg: LossConfig, gather=None, reference=N
     try:
         for batch in batches:
             batch = move_batch(batch, device)
-            if gather is None:
+            if accelerator is None:
                 meta.extend(batch.get("meta", []))
             ref = reference.logps(model, batch) if reference is not None else None
             logps = pair_logps(model, batch)
             per_pair = {**pair_losses(logps, loss_cfg, ref), "answer:chosen": logps.chosen, "answer:rejected": logps.rejected}
             for name, value in per_pair.items():
                 value = value.float()
-                parts.setdefault(name, []).append((gather(value) if gather else value).cpu())
+                if accelerator is not None:
+                    value = gathered_pairs(accelerator, value, batch["pairs_per_group"])
+                parts.setdefault(name, []).append(value.cpu())
     finally:
         model.train(was_training)
     values = {name: torch.cat(chunks) for name, chunks in parts.items()}

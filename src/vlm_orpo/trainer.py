@@ -90,7 +90,7 @@ class PreferenceTrainer(Trainer):
         started = time.perf_counter()
         dataloader = self.get_eval_dataloader(eval_dataset)
         scores = score_batches(
-            self.model, dataloader, self.loss_cfg, gather=self.accelerator.gather_for_metrics, reference=self.reference
+            self.model, dataloader, self.loss_cfg, accelerator=self.accelerator, reference=self.reference
         )
         metrics = {f"{metric_key_prefix}_{k}": v for k, v in scores.means().items()}
         self.log(metrics)

@@ -1,8 +1,11 @@
 """Tokenise preference pairs and pack them into shared-prefix rows.
 
-A pair with prompt P (image tokens expanded), chosen C and rejected R becomes one row segment `P + C + R`:
-positions run 0..P+C-1 over P and C and restart at P for R, and the mask (built from `pair_index` and `span`
-in `modeling.shared_prefix`) hides C from R. Several pairs may share a row; the mask keeps them apart.
+A prompt P (image tokens expanded) with chosen C and rejected answers R1..Rk becomes one row segment
+`P + C + R1 + ... + Rk` (a prefix group; k = 1 is the plain pair `P + C + R`): positions run 0..P-1 over P and
+every answer restarts at P, and the mask (built from `pair_index`, the group, and `span`, the answer number, in
+`modeling.shared_prefix`) lets each answer see only P and itself. Downstream of the collator everything works on
+pairs: a group is k derived pairs (C, Ri) that share the group's prompt and chosen positions, so a pairwise loss
+is the mean over the k pairs. Several groups may share a row; the mask keeps them apart.
 """
 
 from __future__ import annotations
@@ -16,13 +19,15 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from vlm_orpo.data.validation import rejected_answers
 from vlm_orpo.errors import BadRow
 from vlm_orpo.images import open_image
 
 
 
 class Part(IntEnum):
-    """The parts of a pair: a token's `span` in the packed row, and its log-prob segment (`3 * pair + part`)."""
+    """The parts of a pair, its log-prob segment (`3 * pair + part`); in the packed row a token's `span` is its
+    answer number: PROMPT, CHOSEN, then REJECTED + i for the group's rejected answer i (0-based)."""
 
     PROMPT = 0
     CHOSEN = 1
@@ -36,20 +41,32 @@ TOKEN_INPUTS = ("token_type_ids", "mm_token_type_ids")
 
 @dataclass
 class EncodedPair:
-    """One pair as fed to the model: token ids exactly as used, and the processor's image tensors."""
+    """One prompt as fed to the model, with its chosen and rejected answers: token ids exactly as used, and the
+    processor's image tensors. A row with several rejected answers is one EncodedPair with `more_rejected_ids`:
+    it stands for `rejected_count` derived pairs (chosen, rejected i) that share the prompt."""
 
     idx: Any
     prompt_ids: list[int]
     chosen_ids: list[int]
-    rejected_ids: list[int]
+    rejected_ids: list[int]  # the first (for most data, the only) rejected answer
     image_inputs: dict[str, torch.Tensor]  # e.g. pixel_values [1, patches, 3, h, w] and image_sizes [1, 2]
     # the processor's per-token tensors of the prompt (e.g. Gemma 3's token_type_ids [1, P]); answer tokens get 0
     prompt_token_inputs: dict[str, torch.Tensor] = field(default_factory=dict)
-    # precomputed reference log-prob sums [len(Part)] (prompt, chosen, rejected), when loss.precompute_reference
+    # precomputed reference log-prob sums [rejected_count, len(Part)] (prompt, chosen, rejected) per derived pair,
+    # when loss.precompute_reference
     reference_logps: torch.Tensor | None = None
+    more_rejected_ids: list[list[int]] = field(default_factory=list)  # rejected answers 2..k of the same prompt
+
+    @property
+    def all_rejected_ids(self) -> list[list[int]]:
+        return [self.rejected_ids, *self.more_rejected_ids]
+
+    @property
+    def rejected_count(self) -> int:
+        return 1 + len(self.more_rejected_ids)
 
     def __len__(self) -> int:
-        return len(self.prompt_ids) + len(self.chosen_ids) + len(self.rejected_ids)
+        return len(self.prompt_ids) + len(self.chosen_ids) + sum(map(len, self.all_rejected_ids))
 
 
 class PairEncoder:
@@ -168,7 +185,8 @@ class PairEncoder:
         if self.max_prompt_tokens is not None and n > self.max_prompt_tokens:
             raise BadRow("prompt too long", f"{n} tokens > max_prompt_tokens {self.max_prompt_tokens}")
         return any(
-            self.answer_ids(row["question"], row[name], prompt)[-1] != self.eos_token_id for name in ("chosen", "rejected")
+            self.answer_ids(row["question"], answer, prompt)[-1] != self.eos_token_id
+            for answer in (row["chosen"], *rejected_answers(row))
         )
 
     def encode(self, row: dict) -> EncodedPair:
@@ -180,13 +198,15 @@ class PairEncoder:
         prompt_ids = inputs.pop("input_ids")[0].tolist()
         inputs.pop("attention_mask", None)
         token_inputs = {key: inputs.pop(key) for key in TOKEN_INPUTS if key in inputs}
+        first, *more = (self.answer_ids(row["question"], answer, prompt) for answer in rejected_answers(row))
         return EncodedPair(
             idx=row["idx"],
             prompt_ids=prompt_ids,
             chosen_ids=self.answer_ids(row["question"], row["chosen"], prompt),
-            rejected_ids=self.answer_ids(row["question"], row["rejected"], prompt),
+            rejected_ids=first,
             image_inputs=dict(inputs),
             prompt_token_inputs=token_inputs,
+            more_rejected_ids=more,
         )
 
 
@@ -196,7 +216,8 @@ class PairDataset(torch.utils.data.Dataset):
     def __init__(self, rows, encoder: PairEncoder):
         self.rows = rows
         self.encoder = encoder
-        self.reference_logps: torch.Tensor | None = None  # [pairs, len(Part)], set by `reference.precompute`
+        # per row [rejected_count, len(Part)], set by `reference.precompute`
+        self.reference_logps: list[torch.Tensor] | None = None
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -244,7 +265,7 @@ def move_batch(batch: dict, device: torch.device) -> dict:
 
 
 def pack_rows(lengths: list[int], max_tokens_per_row: int | None) -> list[list[int]]:
-    """Greedy in-order packing; a pair longer than the cap gets a row of its own (never cut)."""
+    """Greedy in-order packing of prefix groups; a group longer than the cap gets a row of its own (never cut)."""
     if max_tokens_per_row is None:
         return [[i] for i in range(len(lengths))]
     rows: list[list[int]] = []
@@ -298,15 +319,24 @@ class _Targets:
 
 
 def _reference_logps(pairs: list[EncodedPair]) -> dict:
-    """The pairs' precomputed reference log-prob sums as one [pairs, len(Part)] tensor, when they carry them."""
+    """The precomputed reference log-prob sums as one [derived pairs, len(Part)] tensor, when the pairs carry them."""
     if pairs[0].reference_logps is None:
         return {}
-    return {"reference_logps": torch.stack([p.reference_logps for p in pairs])}
+    return {"reference_logps": torch.cat([p.reference_logps for p in pairs])}
 
 
 def _meta(pairs: list[EncodedPair]) -> list[dict]:
-    return [{"idx": p.idx, "prompt_ids": p.prompt_ids, "chosen_ids": p.chosen_ids, "rejected_ids": p.rejected_ids}
-            for p in pairs]
+    """Per derived pair: idx and the token ids exactly as fed (a row with k rejected answers gives k entries)."""
+    return [{"idx": p.idx, "prompt_ids": p.prompt_ids, "chosen_ids": p.chosen_ids, "rejected_ids": rejected}
+            for p in pairs for rejected in p.all_rejected_ids]
+
+
+def _derived_pairs(pairs: list[EncodedPair]) -> list[list[int]]:
+    """The derived pair numbers of each group, in order: group g with k rejected answers gets k consecutive ones."""
+    starts = [0]
+    for p in pairs:
+        starts.append(starts[-1] + p.rejected_count)
+    return [list(range(a, b)) for a, b in zip(starts, starts[1:])]
 
 
 def _token_inputs(pairs: list[EncodedPair], shape: tuple[int, int], placements: list[tuple[int, int, int]]) -> dict:
@@ -324,12 +354,14 @@ def _token_inputs(pairs: list[EncodedPair], shape: tuple[int, int], placements: 
 class PackedCollator:
     """Builds the packed batch consumed by `modeling.shared_prefix.packed_logps`.
 
-    Keys: layout ("packed"); input_ids, position_ids, pair_index, span ([rows, T]); the prompts' per-token
-    processor tensors (`TOKEN_INPUTS`, [rows, T]); logits_to_keep (row positions whose hidden state predicts a
-    scored token); target_row/target_col/target_ids/target_segment ([targets]); segment_tokens ([pairs,
-    len(Part)]); meta (per pair: idx and the token ids exactly as fed); images (the processor's image tensors,
-    one image per pair in row order). The prompt's text tokens are scored (their segment counts are non-zero)
-    exactly when the collator was built with `sft_on_prompt`.
+    Keys: layout ("packed"); input_ids, position_ids, pair_index (the prefix group, -1 for padding), span (the
+    answer number, `Part`) ([rows, T]); the prompts' per-token processor tensors (`TOKEN_INPUTS`, [rows, T]);
+    logits_to_keep (row positions whose hidden state predicts a scored token); target_row/target_col/target_ids/
+    target_segment ([targets]); segment_tokens ([derived pairs, len(Part)]); pairs_per_group ([groups], the
+    rejected answers of each prompt); meta (per derived pair: idx and the token ids exactly as fed); images (the
+    processor's image tensors, one image per group in row order). The prompt's text tokens are scored (their
+    segment counts are non-zero) exactly when the collator was built with `sft_on_prompt`. A group's chosen (and
+    scored prompt) targets appear once per derived pair, at the same positions: a gather, not another forward.
     """
 
     def __init__(
@@ -353,11 +385,12 @@ class PackedCollator:
         pair_index = torch.full(shape, -1, dtype=torch.long)
         span = torch.full(shape, PAD, dtype=torch.long)
         targets = _Targets(self.image_token_id, self.sft_on_prompt)
+        derived = _derived_pairs(pairs)
         placements = []
-        for r, row in enumerate(rows):  # in-order packing keeps pairs, and so images, in row-major order
+        for r, row in enumerate(rows):  # in-order packing keeps groups, and so images, in row-major order
             start = 0
             for i in row:
-                self._place(pairs[i], r, start, i, input_ids, position_ids, pair_index, span, targets)
+                self._place(pairs[i], r, start, i, derived[i], input_ids, position_ids, pair_index, span, targets)
                 placements.append((i, r, start))
                 start += len(pairs[i])
         return {
@@ -367,32 +400,40 @@ class PackedCollator:
             "pair_index": pair_index,
             "span": span,
             **_token_inputs(pairs, shape, placements),
-            **targets.tensors(len(pairs)),
+            **targets.tensors(derived[-1][-1] + 1),
             **_reference_logps(pairs),
+            "pairs_per_group": torch.tensor([p.rejected_count for p in pairs]),
             "meta": _meta(pairs),
             "images": collate_image_inputs([p.image_inputs for p in pairs]),
         }
 
     @staticmethod
-    def _place(pair, r, start, pair_no, input_ids, position_ids, pair_index, span, targets: _Targets):
-        P, C, R = len(pair.prompt_ids), len(pair.chosen_ids), len(pair.rejected_ids)
-        end = start + P + C + R
-        input_ids[r, start:end] = torch.tensor(pair.prompt_ids + pair.chosen_ids + pair.rejected_ids)
-        position_ids[r, start : start + P + C] = torch.arange(P + C)
-        position_ids[r, start + P + C : end] = torch.arange(P, P + R)
-        pair_index[r, start:end] = pair_no
+    def _place(pair, r, start, group_no, pair_nos, input_ids, position_ids, pair_index, span, targets: _Targets):
+        """Group `group_no` at `start` of row `r`: P, then each answer restarting its positions at P."""
+        P = len(pair.prompt_ids)
+        input_ids[r, start : start + P] = torch.tensor(pair.prompt_ids)
+        position_ids[r, start : start + P] = torch.arange(P)
+        pair_index[r, start : start + len(pair)] = group_no
         span[r, start : start + P] = Part.PROMPT
-        span[r, start + P : start + P + C] = Part.CHOSEN
-        span[r, start + P + C : end] = Part.REJECTED
-        targets.prompt(pair_no, pair.prompt_ids, r, start)
-        targets.answer(pair_no, Part.CHOSEN, pair.chosen_ids, r, start + P, start + P - 1)
-        # the first rejected token is predicted by the last prompt token, like the first chosen one
-        targets.answer(pair_no, Part.REJECTED, pair.rejected_ids, r, start + P + C, start + P - 1)
+        for pair_no in pair_nos:
+            targets.prompt(pair_no, pair.prompt_ids, r, start)
+        at = start + P
+        for answer_no, ids in enumerate([pair.chosen_ids, *pair.all_rejected_ids], start=Part.CHOSEN):
+            input_ids[r, at : at + len(ids)] = torch.tensor(ids)
+            position_ids[r, at : at + len(ids)] = torch.arange(P, P + len(ids))
+            span[r, at : at + len(ids)] = answer_no
+            # chosen's targets once per derived pair, rejected i's for pair i; every answer's first token is
+            # predicted by the last prompt token
+            owners = pair_nos if answer_no == Part.CHOSEN else [pair_nos[answer_no - Part.REJECTED]]
+            for pair_no in owners:
+                targets.answer(pair_no, min(answer_no, Part.REJECTED), ids, r, at, start + P - 1)
+            at += len(ids)
 
 
 class PlainCollator:
-    """The plain batch of `modeling.plain.plain_logps`: `[prompt + chosen]` and `[prompt + rejected]` as two
-    right-padded sequences per pair (all chosen, then all rejected), each with its own copy of the image.
+    """The plain batch of `modeling.plain.plain_logps`: `[prompt + chosen]` and `[prompt + rejected i]` as k + 1
+    right-padded sequences per prompt with k rejected answers (all chosen, then all rejected in derived pair
+    order), each with its own copy of the image.
 
     It is what TRL, LLaMA-Factory and ms-swift feed a VLM, and the path of every model that the packed forward
     does not support. Keys as `PackedCollator`'s (layout "plain", attention_mask instead of position_ids,
@@ -410,7 +451,10 @@ class PlainCollator:
 
     def __call__(self, pairs: list[EncodedPair]) -> dict[str, Any]:
         n = len(pairs)
-        seqs = [p.prompt_ids + p.chosen_ids for p in pairs] + [p.prompt_ids + p.rejected_ids for p in pairs]
+        groups = [g for g, p in enumerate(pairs) for _ in p.all_rejected_ids]  # each derived pair's group
+        seqs = [p.prompt_ids + p.chosen_ids for p in pairs] + [
+            p.prompt_ids + rejected for p in pairs for rejected in p.all_rejected_ids
+        ]
         shape = (len(seqs), max(map(len, seqs)))
         input_ids = torch.full(shape, self.pad_token_id, dtype=torch.long)
         attention_mask = torch.zeros(shape, dtype=torch.long)
@@ -418,21 +462,23 @@ class PlainCollator:
             input_ids[r, : len(seq)] = torch.tensor(seq)
             attention_mask[r, : len(seq)] = 1
         targets = _Targets(self.image_token_id, self.sft_on_prompt)
-        for i, p in enumerate(pairs):
+        for i, g in enumerate(groups):
+            p, rejected = pairs[g], seqs[n + i][len(pairs[g].prompt_ids):]
             P = len(p.prompt_ids)
-            targets.prompt(i, p.prompt_ids, i, 0)
-            targets.answer(i, Part.CHOSEN, p.chosen_ids, i, P, P - 1)
-            targets.answer(i, Part.REJECTED, p.rejected_ids, n + i, P, P - 1)
-        placements = [(i % n, i, 0) for i in range(2 * n)]
+            targets.prompt(i, p.prompt_ids, g, 0)
+            targets.answer(i, Part.CHOSEN, p.chosen_ids, g, P, P - 1)
+            targets.answer(i, Part.REJECTED, rejected, n + i, P, P - 1)
+        placements = [(g, r, 0) for r, g in enumerate(range(n))] + [(g, n + i, 0) for i, g in enumerate(groups)]
         return {
             "layout": "plain",
             "input_ids": input_ids,
             "attention_mask": attention_mask,
             **_token_inputs(pairs, shape, placements),
-            **targets.tensors(n, self.keep_all_logits),
+            **targets.tensors(len(groups), self.keep_all_logits),
             **_reference_logps(pairs),
+            "pairs_per_group": torch.tensor([p.rejected_count for p in pairs]),
             "meta": _meta(pairs),
-            "images": collate_image_inputs([p.image_inputs for p in pairs] * 2),
+            "images": collate_image_inputs([p.image_inputs for p in [*pairs, *(pairs[g] for g in groups)]]),
         }
 
 

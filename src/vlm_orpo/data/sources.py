@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +28,7 @@ log = logging.getLogger(__name__)
 CANONICAL = ("image", "question", "chosen", "rejected")
 RLAIF_V_COLUMNS = {"image": "image", "question": "question", "chosen": "chosen", "rejected": "rejected"}
 TRL_COLUMNS = {"image": "images", "question": "prompt", "chosen": "chosen", "rejected": "rejected"}
+_NUMBERED_REJECTED = re.compile(r"rejected_(\d+)")
 _FILE_FORMATS = {".parquet": "parquet", ".jsonl": "json", ".json": "json", ".csv": "csv", ".arrow": "arrow"}
 
 
@@ -94,12 +96,31 @@ class CanonicalRows:
         return row
 
 
-def resolve_columns(column_names: list[str], mapping: dict[str, str] | None) -> dict[str, str]:
-    """Canonical name -> source column: an explicit mapping first, then RLAIF-V's schema, then TRL's."""
+def numbered_rejected_columns(column_names: list[str]) -> list[str]:
+    """`rejected_1`, `rejected_2`, ... in number order: several rejected answers as columns."""
+    numbered = [(int(m.group(1)), name) for name in column_names if (m := _NUMBERED_REJECTED.fullmatch(name))]
+    return [name for _, name in sorted(numbered)]
+
+
+def resolve_columns(column_names: list[str], mapping: dict[str, str | list[str]] | None) -> dict[str, str | list[str]]:
+    """Canonical name -> source column: an explicit mapping first, then RLAIF-V's schema, then TRL's.
+
+    `rejected` may name a list of columns, each holding one rejected answer; data with no `rejected` column but
+    `rejected_1..k` columns gets those."""
     mapping = dict(mapping or {})
     unknown = set(mapping) - set(CANONICAL)
     if unknown:
         raise DataError(f"columns mapping has unknown keys {sorted(unknown)}; valid keys: {list(CANONICAL)}")
+    if isinstance(mapping.get("rejected"), (list, tuple)):
+        missing = [c for c in mapping["rejected"] if c not in column_names]
+        if missing or not mapping["rejected"]:
+            raise DataError(f"data.columns.rejected names columns {missing or '[]'} that the data lacks; it has "
+                            f"{column_names}")
+        rejected = list(mapping.pop("rejected"))
+        return {**resolve_columns([*column_names, "rejected"], mapping), "rejected": rejected}
+    if "rejected" not in mapping and "rejected" not in column_names and numbered_rejected_columns(column_names):
+        return {**resolve_columns([*column_names, "rejected"], mapping),
+                "rejected": numbered_rejected_columns(column_names)}
     for schema in (RLAIF_V_COLUMNS, TRL_COLUMNS):
         if all(mapping.get(k, v) in column_names for k, v in schema.items()):
             return {k: mapping.get(k, v) for k, v in schema.items()}

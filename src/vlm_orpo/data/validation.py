@@ -27,7 +27,7 @@ from vlm_orpo.images import MAX_IMAGE_PIXELS, open_image
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 1  # bump when what a row's validation checks changes
+CACHE_VERSION = 2  # bump when what a row's validation checks changes
 PARALLEL_FROM_ROWS = 512  # below this, starting workers costs more than it saves
 
 
@@ -58,6 +58,33 @@ def _text(value, name: str = "answer") -> str | None:
     return "".join(parts)
 
 
+def _is_chat(value) -> bool:
+    """TRL's chat form of one answer: a message mapping, or a list of them."""
+    return isinstance(value, dict) or (
+        isinstance(value, (list, tuple)) and len(value) > 0 and all(isinstance(m, dict) for m in value)
+    )
+
+
+def _rejected(value) -> str | list[str] | None:
+    """One rejected answer (text or chat form) as text, or several (a list of them) as a list of texts.
+
+    An empty list, or an entry that is neither text nor chat messages, is a bad row, never guessed at."""
+    if not isinstance(value, (list, tuple)) or _is_chat(value):
+        return _text(value, "rejected")
+    if not value:
+        raise BadRow("empty rejected", "an empty list of rejected answers")
+    bad = [f"entry {i} is a {type(v).__name__}" for i, v in enumerate(value) if not (isinstance(v, str) or _is_chat(v))]
+    if bad:
+        raise BadRow("bad rejected", "; ".join(bad) + ": each rejected answer must be text or chat messages")
+    return [_text(v, "rejected") for v in value]
+
+
+def rejected_answers(row: dict) -> list[str]:
+    """A canonical row's rejected answers: one for the usual schemas, or several for list-valued `rejected`."""
+    rejected = row["rejected"]
+    return list(rejected) if isinstance(rejected, list) else [rejected]
+
+
 def _question(value):
     """Plain question text, or chat messages kept as given (the encoder formats both)."""
     if isinstance(value, list) and value and isinstance(value[0], dict) and "role" in value[0]:
@@ -65,7 +92,9 @@ def _question(value):
     return _text(value, "question")
 
 
-def canonical_row(raw: dict, columns: dict[str, str], row_number: int, has_idx: bool) -> dict:
+def canonical_row(raw: dict, columns: dict[str, str | list[str]], row_number: int, has_idx: bool) -> dict:
+    """The row in the canonical schema. `columns["rejected"]` may name several columns (`rejected_1..k`): each
+    holds one rejected answer, and a null one is an answer the row does not have."""
     image = raw[columns["image"]]
     if isinstance(image, list):  # TRL's `images`: we train on exactly one image per pair
         if len(image) != 1:
@@ -76,19 +105,28 @@ def canonical_row(raw: dict, columns: dict[str, str], row_number: int, has_idx: 
         "image": image,
         "question": _question(raw[columns["question"]]),
         "chosen": _text(raw[columns["chosen"]], "chosen"),
-        "rejected": _text(raw[columns["rejected"]], "rejected"),
+        "rejected": _rejected(_answer_columns(raw, columns["rejected"]) if isinstance(columns["rejected"], list)
+                              else raw[columns["rejected"]]),
     }
+
+
+def _answer_columns(raw: dict, names: list[str]) -> list:
+    """The non-null values of several answer columns (a table pads a row with fewer answers with nulls)."""
+    answers = [raw[name] for name in names if raw[name] is not None]
+    if not answers:
+        raise BadRow("missing rejected", f"columns {', '.join(names)} are all null")
+    return answers
 
 
 def check_row(row: dict, base_dir: Path | None, max_pixels: int | None = MAX_IMAGE_PIXELS) -> tuple[int, int]:
     """Raise BadRow for a row we cannot train on; return the image's (height, width)."""
-    for name in ("question", "chosen", "rejected"):
-        value = row[name]
+    for name, value in (("question", row["question"]), ("chosen", row["chosen"]),
+                        *(("rejected", answer) for answer in rejected_answers(row))):
         if value is None:
             raise BadRow(f"missing {name}")
         if isinstance(value, str) and not value.strip():
             raise BadRow(f"empty {name}")
-    if row["chosen"].strip() == row["rejected"].strip():
+    if any(row["chosen"].strip() == answer.strip() for answer in rejected_answers(row)):
         raise BadRow("chosen identical to rejected")
     if row["image"] is None:
         raise BadRow("missing image")

@@ -1,17 +1,19 @@
 """The "pairs" attention backend: each pair's queries meet only the keys the shared-prefix rule allows them.
 
 A packed row's dense mask makes SDPA pay for the whole row squared, mostly for query/key pairs that belong to
-different preference pairs. Here each layer makes two SDPA calls for all pairs of the batch together, so no
-[T, T] mask is built and SDPA's fused kernels do only each pair's own work (linear in the number of pairs):
+different preference pairs. Here each layer makes two SDPA calls for all prefix groups of the batch together
+(a group is a prompt with its chosen and k rejected answers; k = 1 for a pair), so no [T, T] mask is built and
+SDPA's fused kernels do only each group's own work (linear in the number of groups and answers):
 
-- prompt + chosen queries over the pair's prompt + chosen keys: plain causal (`is_causal`, no mask);
-- rejected queries over the pair's prompt + rejected keys: causal aligned at the bottom right, a small
-  [pairs, 1, rejected, prompt + rejected] mask, so rejected never sees chosen.
+- prompt + chosen queries over the group's prompt + chosen keys: plain causal (`is_causal`, no mask);
+- each rejected answer's queries over its group's prompt + that answer's keys: causal aligned at the bottom
+  right, a small [rejected answers, 1, rejected, prompt + rejected] mask, so a rejected answer never sees chosen
+  or another rejected answer.
 
-The pairs are gathered out of the packed rows into right-padded per-pair batches (right padding keeps causal
-attention exact: a real query never reaches a pad key; pairs of very different lengths pay for the padding to
-the longest) and the outputs are gathered back into row order; padding tokens of a row get zeros (nothing reads
-them). `packed_logps` hands the layout to every attention call as the `pair_layout` keyword, which
+The groups and answers are gathered out of the packed rows into right-padded batches (right padding keeps
+causal attention exact: a real query never reaches a pad key; answers of very different lengths pay for the
+padding to the longest) and the outputs are gathered back into row order; padding tokens of a row get zeros
+(nothing reads them). `packed_logps` hands the layout to every attention call as the `pair_layout` keyword, which
 transformers passes from the model's forward through each decoder layer, gradient checkpointing and PEFT
 included. Without a layout (generation, plain forwards) this is exactly SDPA.
 """
@@ -32,43 +34,50 @@ IMPLEMENTATION = "vlm_orpo_pairs"  # the name under transformers' attention and 
 
 @dataclass
 class PairLayout:
-    """Where each pair's tokens sit, as indices into the rows' tokens flattened to [rows * T]; built once a step."""
+    """Where each group's tokens sit, as indices into the rows' tokens flattened to [rows * T]; built once a step."""
 
-    prompt_chosen: torch.Tensor  # [pairs, longest P + C]: the prompt and chosen tokens, right-padded
-    rejected_queries: torch.Tensor  # [pairs, longest R]: the rejected tokens, right-padded
-    rejected_keys: torch.Tensor  # [pairs, longest P + R]: the prompt then the rejected tokens, right-padded
-    rejected_mask: torch.Tensor  # [pairs, 1, longest R, longest P + R] bool: rejected token r sees keys 0..P + r
+    prompt_chosen: torch.Tensor  # [groups, longest P + C]: the prompt and chosen tokens, right-padded
+    rejected_queries: torch.Tensor  # [rejected answers, longest R]: each rejected answer's tokens, right-padded
+    rejected_keys: torch.Tensor  # [rejected answers, longest P + R]: its prompt then its tokens, right-padded
+    rejected_mask: torch.Tensor  # [rejected answers, 1, longest R, longest P + R] bool: token r sees keys 0..P + r
     source: torch.Tensor  # [rows * T]: each token's place in the two calls' outputs (flattened, then one zero row)
 
 
 def pair_layout(pair_index: torch.Tensor, span: torch.Tensor) -> PairLayout:
-    """The layout of a packed batch (`data.packing`: each pair contiguous as P, C, R; padding has pair_index -1).
+    """The layout of a packed batch (`data.packing`: each group contiguous as P, C, R1..Rk, `span` the answer
+    number; padding has pair_index -1).
 
-    Padded slots point at a real token of the same pair, so every gathered value is finite and no mask row is
+    Padded slots point at a real token of the same group, so every gathered value is finite and no mask row is
     empty; their outputs are never read back."""
-    pair, part = pair_index.flatten(), span.flatten()
-    device = pair.device
-    tokens = torch.arange(pair.numel(), device=device)
-    real = pair >= 0
-    n = int(pair.max()) + 1
-    counts = torch.bincount(pair[real] * len(Part) + part[real], minlength=n * len(Part)).view(n, len(Part))
-    first = torch.full((n,), pair.numel(), device=device).scatter_reduce(0, pair[real], tokens[real], "amin")
-    # per pair [n, 1] against per slot [length]
-    P, C, R, at = (x[:, None] for x in (*counts.unbind(1), first))
-    longest_pc, longest_r, longest_pr = torch.cat([P + C, R, P + R], dim=1).amax(dim=0).tolist()
+    group, answer = pair_index.flatten(), span.flatten()
+    device = group.device
+    tokens = torch.arange(group.numel(), device=device)
+    real = group >= 0
+    n, answers = int(group.max()) + 1, int(answer.max()) + 1  # answers: prompt, chosen, rejected 1..k
+    counts = torch.bincount(group[real] * answers + answer[real], minlength=n * answers).view(n, answers)
+    first = torch.full((n,), group.numel(), device=device).scatter_reduce(0, group[real], tokens[real], "amin")
+    P, C, at = counts[:, Part.PROMPT, None], counts[:, Part.CHOSEN, None], first[:, None]
+    lengths = counts[:, Part.REJECTED :]  # [groups, k]: each rejected answer's length, 0 where a group has fewer
+    starts = P + C + lengths.cumsum(1) - lengths  # [groups, k]: where each rejected answer starts in its group
+    g, j = (lengths > 0).nonzero(as_tuple=True)  # the rejected answers, group by group
+    number = torch.zeros_like(lengths).index_put_((g, j), torch.arange(g.numel(), device=device))
+    # per group [groups, 1] or per rejected answer [answers, 1] against per slot [length]
+    Pa, R, S, at_a = P[g], lengths[g, j, None], starts[g, j, None], at[g]
+    longest_pc, longest_r, longest_pr = int((P + C).max()), int(R.max()), int((Pa + R).max())
     pc, r, k = (torch.arange(length, device=device) for length in (longest_pc, longest_r, longest_pr))
-    k_real = torch.minimum(k, P + R - 1)
+    k_real = torch.minimum(k, Pa + R - 1)
     # each token's slot: prompt and chosen in the first call's output, rejected in the second's, padding the zero row
-    owner = pair.clamp_min(0)
+    owner = group.clamp_min(0)
     offset = tokens - first[owner]
-    rejected_slot = n * longest_pc + owner * longest_r + offset - (P + C)[owner, 0]
-    slot = torch.where(part == Part.REJECTED, rejected_slot, owner * longest_pc + offset)
+    i = (answer - Part.REJECTED).clamp_min(0)
+    rejected_slot = n * longest_pc + number[owner, i] * longest_r + offset - starts[owner, i]
+    slot = torch.where(answer >= Part.REJECTED, rejected_slot, owner * longest_pc + offset)
     return PairLayout(
         prompt_chosen=at + torch.minimum(pc, P + C - 1),
-        rejected_queries=at + P + C + torch.minimum(r, R - 1),
-        rejected_keys=at + k_real + torch.where(k_real >= P, C, 0),  # the prompt, then past chosen to rejected
-        rejected_mask=(k <= (P + r)[:, :, None])[:, None],
-        source=torch.where(real, slot, n * (longest_pc + longest_r)),
+        rejected_queries=at_a + S + torch.minimum(r, R - 1),
+        rejected_keys=at_a + k_real + torch.where(k_real >= Pa, S - Pa, 0),  # the prompt, then the answer's own
+        rejected_mask=(k <= (Pa + r)[:, :, None])[:, None],
+        source=torch.where(real, slot, n * longest_pc + g.numel() * longest_r),
     )
 
 

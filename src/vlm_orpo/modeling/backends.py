@@ -3,8 +3,8 @@
 - sdpa: a dense boolean [T, T] mask; works everywhere, with a backward on CPU and GPU. It pays for every
   masked-out query/key pair of the row, so several pairs in one row cost more than one pair per row.
 - flex: a FlexAttention BlockMask that skips fully masked blocks; CUDA (no CPU backward in torch 2.13).
-- pairs: two SDPA calls a layer over each pair's own tokens (`modeling.attention`), no [T, T] mask; exact,
-  with a backward on CPU and GPU.
+- pairs: two SDPA calls a layer over each prompt's own tokens, its chosen and each rejected answer
+  (`modeling.attention`), no [T, T] mask; exact, with a backward on CPU and GPU.
 - auto: flex on CUDA, pairs elsewhere (the fastest exact one measured there).
 """
 

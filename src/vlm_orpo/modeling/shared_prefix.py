@@ -1,4 +1,4 @@
-"""The packed forward: image and prompt once per pair, chosen and rejected answers side by side.
+"""The packed forward: image and prompt once per prefix group, its chosen and rejected answers side by side.
 
 The model's own forward does the image-feature merge; we hand it what its attention backend needs to keep
 pairs apart and chosen from rejected (a dense bool mask for SDPA, a FlexAttention BlockMask, or the pairs
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from vlm_orpo.data.packing import TOKEN_INPUTS, Part
+from vlm_orpo.data.packing import TOKEN_INPUTS
 from vlm_orpo.losses import PairLogps
 from vlm_orpo.modeling import attention
 from vlm_orpo.modeling.backends import ATTN_BACKENDS
@@ -59,17 +59,25 @@ def attention_backend(model) -> str:
     return next((name for name, impl in _IMPLEMENTATIONS.items() if impl == implementation), "sdpa")
 
 
+def sees_answer(query_answer: torch.Tensor, key_answer: torch.Tensor) -> torch.Tensor:
+    """Whether a query of answer number `query_answer` may see a key of `key_answer` (`span` values): the key is
+    the prompt (0) or in the query's own answer, so rejected never sees chosen nor another rejected answer.
+
+    Written arithmetically: Inductor once miscompiled the same rule written with | and & in a flex mask_mod."""
+    return key_answer * (key_answer - query_answer) == 0
+
+
 def dense_mask(pair_index: torch.Tensor, span: torch.Tensor) -> torch.Tensor:
-    """[rows, 1, T, T] bool, True = may attend: causal within a pair, and rejected never sees chosen.
+    """[rows, 1, T, T] bool, True = may attend: causal within a prefix group, and each answer sees only the prompt
+    and itself.
 
     Padding has pair_index -1, so pads attend only to pads and no query row is empty (no NaN in SDPA).
     """
     T = pair_index.shape[1]
     pos = torch.arange(T, device=pair_index.device)
     causal = pos[:, None] >= pos[None, :]
-    same_pair = pair_index[:, :, None] == pair_index[:, None, :]
-    hidden = (span[:, :, None] == Part.REJECTED) & (span[:, None, :] == Part.CHOSEN)
-    return (same_pair & causal & ~hidden)[:, None]
+    same_group = pair_index[:, :, None] == pair_index[:, None, :]
+    return (same_group & causal & sees_answer(span[:, :, None], span[:, None, :]))[:, None]
 
 
 def block_mask(pair_index: torch.Tensor, span: torch.Tensor):
@@ -77,9 +85,8 @@ def block_mask(pair_index: torch.Tensor, span: torch.Tensor):
     from torch.nn.attention.flex_attention import create_block_mask
 
     def mask_mod(b, h, q, kv):
-        same_pair = pair_index[b, q] == pair_index[b, kv]
-        hidden = (span[b, q] == Part.REJECTED) & (span[b, kv] == Part.CHOSEN)
-        return same_pair & (kv <= q) & ~hidden
+        same_group = pair_index[b, q] == pair_index[b, kv]
+        return same_group & (kv <= q) & sees_answer(span[b, q], span[b, kv])
 
     rows, T = pair_index.shape
     return create_block_mask(mask_mod, rows, None, T, T, device=pair_index.device)

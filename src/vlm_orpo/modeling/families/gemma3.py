@@ -39,7 +39,7 @@ def gemma3_masks(pair_index: torch.Tensor, span: torch.Tensor, position_ids: tor
     """Dense bool masks [rows, 1, T, T] (True = may attend) keyed by layer type, for a packed batch."""
     from vlm_orpo.modeling.shared_prefix import dense_mask
 
-    full = dense_mask(pair_index, span)  # same pair, causal, rejected never sees chosen
+    full = dense_mask(pair_index, span)  # same group, causal, each answer sees only the prompt and itself
     if token_type_ids is not None:
         blocks = image_blocks(token_type_ids)
         same_pair = pair_index[:, :, None] == pair_index[:, None, :]

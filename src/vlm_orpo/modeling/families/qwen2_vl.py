@@ -33,17 +33,17 @@ from vlm_orpo.modeling.families import ModelFamily
 _GRID_KEYS = ("image_grid_thw", "video_grid_thw", "second_per_grid_ts")
 
 
-def _prompt_batch(batch: dict, n_pairs: int, type_ids: torch.Tensor):
-    """Each pair's prompt, right-padded, plus one text token: ids, token types, attention mask [pairs, P + 1];
-    and where each prompt token of the packed rows sits in it (pair, offset), and each prompt's length."""
+def _prompt_batch(batch: dict, n_groups: int, type_ids: torch.Tensor):
+    """Each group's prompt, right-padded, plus one text token: ids, token types, attention mask [groups, P + 1];
+    and where each prompt token of the packed rows sits in it (group, offset), and each prompt's length."""
     prompt = batch["span"] == Part.PROMPT
     pair = batch["pair_index"][prompt]  # row-major: each pair's prompt tokens in order
-    lengths = torch.bincount(pair, minlength=n_pairs)
+    lengths = torch.bincount(pair, minlength=n_groups)
     starts = lengths.cumsum(0) - lengths
     offset = torch.arange(pair.numel(), device=pair.device) - starts[pair]
     width = int(lengths.max()) + 1
-    ids = batch["input_ids"].new_zeros(n_pairs, width)
-    types = type_ids.new_zeros(n_pairs, width)
+    ids = batch["input_ids"].new_zeros(n_groups, width)
+    types = type_ids.new_zeros(n_groups, width)
     ids[pair, offset] = batch["input_ids"][prompt]
     types[pair, offset] = type_ids[prompt]
     mask = torch.arange(width, device=ids.device)[None, :] <= lengths[:, None]  # the prompt and one text token
@@ -64,17 +64,17 @@ def token_types(model, batch: dict) -> torch.Tensor:
 
 def mrope_position_ids(model, batch: dict) -> torch.Tensor:
     """[3, rows, T] M-RoPE positions of a packed batch (see the module docstring); padding keeps its 1D positions."""
-    n_pairs = len(batch["meta"])
-    ids, types, mask, pair, offset, lengths = _prompt_batch(batch, n_pairs, token_types(model, batch))
+    n_groups = len(batch["pairs_per_group"])  # prompts: a prompt with k rejected answers is one group
+    ids, types, mask, pair, offset, lengths = _prompt_batch(batch, n_groups, token_types(model, batch))
     grids = {key: batch["images"][key] for key in _GRID_KEYS if key in batch["images"]}
     rope, _ = model.model.get_rope_index(ids, mm_token_type_ids=types, attention_mask=mask, **grids)
-    answer_start = rope[0, torch.arange(n_pairs, device=ids.device), lengths]  # the text token after each prompt
+    answer_start = rope[0, torch.arange(n_groups, device=ids.device), lengths]  # the text token after each prompt
 
     flat = batch["position_ids"]
     positions = flat[None].repeat(3, 1, 1)
     prompt = batch["span"] == Part.PROMPT
     positions[:, prompt] = rope[:, pair, offset].to(positions.dtype)
-    answer = (batch["span"] == Part.CHOSEN) | (batch["span"] == Part.REJECTED)
+    answer = batch["span"] >= Part.CHOSEN  # chosen and every rejected answer of the group
     owner = batch["pair_index"][answer]
     positions[:, answer] = (flat[answer] - lengths[owner] + answer_start[owner]).to(positions.dtype)
     return positions
