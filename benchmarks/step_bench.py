@@ -13,8 +13,13 @@ One process, one model, the same pairs for every variant:
   <variant>_kK   K rejected answers per prompt (--rejected-per-prompt): K pairs (chosen, rejected i) a prompt;
                  plain runs K + 1 sequences a prompt, each with the image; packed one group [P, C, R1..RK], each
                  answer seeing only the prompt and itself. The loss is the mean over all N * K pairs
+  --loss dpo     DPO (sigmoid, beta 0.1) instead of ORPO, with its reference: the same model with the adapter
+                 disabled, a forward without grad on the variant's own layout in every step (plain: two more
+                 sequences per pair, as TRL's DPOTrainer with a LoRA policy runs it; packed: one more packed row);
+  <variant>_preref  packed variants with the reference's log-probs computed once before timing
+                 (`loss.precompute_reference`), so the step runs no reference forward
 
-A step is forward + backward of the mean ORPO loss over the step's pairs, LoRA r=16 on every linear layer of
+A step is forward + backward of the mean loss over the step's pairs, LoRA r=16 on every linear layer of
 the language model (random A and B, so every gradient is real); there is no optimizer step (a LoRA AdamW
 step is well under 1% of a step, and leaving the weights alone keeps every step's loss identical).
 Timing: `--warmup` untimed steps, then the median of `--steps` (default 10) steps, each bracketed by
@@ -33,6 +38,7 @@ Sizes (random weights, built from a config, nothing downloaded):
     python benchmarks/step_bench.py --size small --device cpu --json out.json
     python benchmarks/step_bench.py --size 7b --device cuda --pairs-per-step 1 --compile --json out.json
     python benchmarks/step_bench.py --size small --device cpu --rejected-per-prompt 1 3 7 --json out.json
+    python benchmarks/step_bench.py --size small --device cpu --loss dpo --variants plain,packed_pairs --json out.json
     python benchmarks/step_bench.py --summarize benchmarks/results/*.json      # markdown table of results
 
 This file is the command line (flags, setup, and a loop of `measure` over the variants); the harness it drives
@@ -77,6 +83,7 @@ from bench.profiling import profile_breakdown  # noqa: E402
 from bench.report import Report, skipped_entry, summarize, timed_entry  # noqa: E402
 from bench.steps import (  # noqa: E402
     BASE_VARIANTS,
+    LOSSES,
     Step,
     Variant,
     forward_only_values,
@@ -92,6 +99,12 @@ from vlm_orpo.modeling.shared_prefix import set_attention_backend  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 PAD_ID = 0
+REFERENCE_SUFFIX = {"none": "", "live": "", "precomputed": "_preref"}
+TIMED = {
+    "orpo": "forward + backward of the mean ORPO loss (lambda 0.1); no optimizer step",
+    "dpo": "forward + backward of the mean DPO loss (sigmoid, beta 0.1) with its reference forward (adapter disabled, "
+           "no grad) in the step, or precomputed before timing (_preref); no optimizer step; MFU counts the policy only",
+}
 
 
 @dataclass
@@ -124,6 +137,8 @@ def parse_args(argv=None):
     ap.add_argument("--rejected-per-prompt", type=int, nargs="+", default=[1], metavar="K",
                     help="one or more: rejected answers per prompt (K pairs sharing one prompt); default 1")
     ap.add_argument("--variants", default=",".join(BASE_VARIANTS), help="comma list of " + ", ".join(BASE_VARIANTS))
+    ap.add_argument("--loss", choices=sorted(LOSSES), default="orpo",
+                    help="orpo (no reference) or dpo (reference in the step, and precomputed for packed variants)")
     ap.add_argument("--grad-checkpointing", nargs="?", const="on", default="off", choices=["off", "on", "both"],
                     help="non-reentrant, for every variant; 'both' runs every variant without, then with it")
     ap.add_argument("--compile", action="store_true", help="torch.compile each decoder layer (every variant)")
@@ -153,8 +168,18 @@ def plan(args) -> list[Variant]:
         sys.exit(f"unknown variants {sorted(unknown)}; choose from {BASE_VARIANTS}")
     gc_modes = {"off": [False], "on": [True], "both": [False, True]}[args.grad_checkpointing]
     gc_suffix = "+gc" if args.grad_checkpointing == "both" else ""
-    return [Variant(base + pairs_suffix(n) + rejected_suffix(k) + (gc_suffix if gc_on else ""), base, n, gc_on, k)
-            for n in pairs_per_step(args) for k in rejected_per_prompt(args) for gc_on in gc_modes for base in wanted]
+    return [Variant(base + pairs_suffix(n) + rejected_suffix(k) + REFERENCE_SUFFIX[ref] + (gc_suffix if gc_on else ""),
+                    base, n, gc_on, k, ref)
+            for n in pairs_per_step(args) for k in rejected_per_prompt(args) for gc_on in gc_modes for base in wanted
+            for ref in references(args, base)]
+
+
+def references(args, base: str) -> list[str]:
+    """ORPO has no reference; DPO's runs live in every variant's step, and precomputed in the packed ones too
+    (TRL refuses to precompute reference log-probs for vision data)."""
+    if args.loss == "orpo":
+        return ["none"]
+    return ["live"] if base == "plain" else ["live", "precomputed"]
 
 
 def pairs_per_step(args) -> list[int]:
@@ -232,7 +257,8 @@ def header(b: Bench) -> dict:
             "steps": args.steps,
             "warmup": b.warmup,
             "threads": torch.get_num_threads() if b.device.type == "cpu" else None,
-            "timed": "forward + backward of the mean ORPO loss (lambda 0.1); no optimizer step",
+            "loss": args.loss,
+            "timed": TIMED[args.loss],
             "lora": {"r": args.lora_r, "alpha": 2 * args.lora_r, "targets": "all linear layers of the language model",
                      "init": "random A and B", "adapter_dtype": args.adapter_dtype},
             "params": n_params,
@@ -257,7 +283,7 @@ def flex_forward_only(v: Variant, step: Step, values: dict) -> tuple[dict, tuple
     vals = None
     if v.name.replace("+gc", "") not in values:
         try:
-            vals = forward_only_values(step.compute)
+            vals = forward_only_values(step)
             reason += "; forward-only loss checked instead"
         except Exception as exc:  # noqa: BLE001 - the CPU inductor toolchain may be missing
             reason = f"FlexAttention unavailable on CPU ({type(exc).__name__}: {str(exc)[:200]})"
@@ -270,7 +296,7 @@ def measure(b: Bench, v: Variant, values: dict) -> tuple[dict, tuple | None, dic
     t0 = time.perf_counter()
     set_grad_checkpointing(b.model, v.grad_checkpointing)
     pairs = with_rejected(b.pairs[: v.n_pairs], v.rejected_per_prompt)
-    step = prepare_step(b.model, v.base, pairs, b.device, b.dtype, PAD_ID, b.size.image_token_id)
+    step = prepare_step(b.model, v.base, pairs, b.device, b.dtype, PAD_ID, b.size.image_token_id, v.reference)
     set_attention_backend(b.model, step.backend)
     if v.base == "packed_flex" and b.device.type != "cuda":
         entry, vals = flex_forward_only(v, step, values)
@@ -316,7 +342,8 @@ def check_reference(b: Bench, report: Report, v: Variant):
     name = "plain_logps" + pairs_suffix(n) + rejected_suffix(k)
     set_attention_backend(b.model, "sdpa")
     try:
-        report.add_reference(name, v.group, reference_values(b.model, with_rejected(b.pairs[:n], k), PAD_ID))
+        report.add_reference(name, v.group, reference_values(b.model, with_rejected(b.pairs[:n], k), PAD_ID,
+                                                             b.args.loss))
     except torch.OutOfMemoryError:
         free_memory(b.device)
         log(f"{name}: out of memory (reference check skipped)")

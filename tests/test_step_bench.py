@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -235,3 +236,24 @@ def test_three_rejected_per_prompt_packed_vs_plain(tmp_path):
     assert (plain["images_per_step"], packed["images_per_step"]) == (8, 2)
     assert packed["rejected_per_prompt"] == 3 and packed["pairs_per_s"] == pytest.approx(6 / packed["median_s"])
     assert packed["tokens_per_step"] < plain["tokens_per_step"] / 2
+
+
+def test_dpo_with_live_and_precomputed_reference_packed_vs_plain(tmp_path):
+    """`--loss dpo`: plain runs the policy's two sequences and the reference's two more in each step (TRL's way),
+    packed one row for each, and `_preref` reads reference log-probs computed before timing; all three losses
+    agree with the oracle's, and the reference is the adapter-disabled model (so the loss is not log 2)."""
+    paths = [str(REPO / "src"), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(paths))
+    cmd = [sys.executable, str(BENCH), "--size", "small", "--device", "cpu", "--pairs-per-step", "2", "--loss", "dpo",
+           "--variants", "plain,packed_pairs", "--steps", "1", "--warmup", "1", "--json", str(tmp_path / "r.json")]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["config"]["loss"] == "dpo" and "DPO" in report["config"]["timed"]
+    variants = report["variants"]
+    assert set(variants) == {"plain_x2", "packed_pairs_x2", "packed_pairs_x2_preref"}
+    assert report["loss_check"]["ok"] and len(report["loss_check"]["details"]) == 3
+    losses = [variants[name]["loss"] for name in sorted(variants)]
+    assert losses == pytest.approx([losses[0]] * 3, rel=1e-4)
+    assert abs(losses[0] - math.log(2)) > 1e-3
+

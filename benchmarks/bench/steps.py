@@ -1,5 +1,6 @@
 """The timed step: each variant's inputs prepared (and moved to the device) before timing, then forward +
-backward of the mean ORPO loss, timed with the device synchronised around every step."""
+backward of the mean loss (ORPO; or DPO with its reference: a forward without grad and the adapter disabled, in the
+step, or precomputed before timing), timed with the device synchronised around every step."""
 
 from __future__ import annotations
 
@@ -14,11 +15,13 @@ from vlm_orpo.data.packing import EncodedPair, PackedCollator, PlainCollator
 from vlm_orpo.losses import pair_losses
 from vlm_orpo.modeling.plain import plain_logps, plain_pair_logps
 from vlm_orpo.modeling.shared_prefix import packed_logps, unwrap
+from vlm_orpo.reference import AdapterDisabled
 
 from .flops import packed_work, plain_work
 
 BASE_VARIANTS = ("plain", "packed_sdpa", "packed_pairs", "packed_flex")
-LOSS = LossConfig(type="orpo", orpo_lambda=0.1)
+LOSSES = {"orpo": LossConfig(type="orpo", orpo_lambda=0.1), "dpo": LossConfig(type="dpo", beta=0.1)}
+REFERENCES = ("none", "live", "precomputed")  # the DPO reference: none (ORPO), in the step, or before timing
 
 
 @dataclass(frozen=True)
@@ -31,6 +34,7 @@ class Variant:
     n_pairs: int  # prompts per step (pairs, at one rejected answer per prompt)
     grad_checkpointing: bool
     rejected_per_prompt: int = 1
+    reference: str = "none"  # one of REFERENCES
 
     @property
     def group(self) -> tuple[int, int]:
@@ -40,11 +44,14 @@ class Variant:
 
 @dataclass
 class Step:
-    """A variant's inputs, on the device: `compute()` runs the forward and returns its PairLogps."""
+    """A variant's inputs, on the device: `compute()` runs the forward and returns its PairLogps; `reference()`
+    the reference's PairLogps (None without one)."""
 
     compute: object
     work: dict  # what the step executes, for the FLOP formula (`flops.plain_work`, `flops.packed_work`)
     backend: str
+    loss: LossConfig
+    reference: object = lambda: None
 
 
 def to_device(batch: dict, device: torch.device, dtype: torch.dtype) -> dict:
@@ -58,19 +65,32 @@ def to_device(batch: dict, device: torch.device, dtype: torch.dtype) -> dict:
     return out
 
 
-def prepare_step(model, base: str, pairs: list[EncodedPair], device, dtype, pad_id: int, image_id: int) -> Step:
+def prepare_step(model, base: str, pairs: list[EncodedPair], device, dtype, pad_id: int, image_id: int,
+                 reference: str = "none") -> Step:
     """Plain: `modeling.plain`'s k + 1 sequences per prompt with full logits (TRL's layout); packed: all prompts
     with all their answers in one shared-prefix row (the model holds the attention backend, set by the caller from
-    `Step.backend`)."""
+    `Step.backend`). With a reference (DPO), the reference runs on the same layout with the adapter disabled: in
+    every step ("live", as TRL's policy + reference forwards), or once here ("precomputed")."""
     if base == "plain":
         batch = to_device(PlainCollator(pad_id, image_id, keep_all_logits=True)(pairs), device, dtype)
-        return Step(lambda: plain_logps(model, batch), plain_work(pairs), "sdpa")
-    collator = PackedCollator(pad_id, image_id, max_tokens_per_row=sum(len(p) for p in pairs))
-    batch = collator(pairs)
-    assert batch["input_ids"].shape[0] == 1, "all pairs of a step must share one row"
-    work = packed_work(pairs, batch)
-    batch = to_device(batch, device, dtype)
-    return Step(lambda: packed_logps(model, batch), work, base.removeprefix("packed_"))
+        step = Step(lambda: plain_logps(model, batch), plain_work(pairs), "sdpa", LOSSES["orpo"])
+    else:
+        collator = PackedCollator(pad_id, image_id, max_tokens_per_row=sum(len(p) for p in pairs))
+        batch = collator(pairs)
+        assert batch["input_ids"].shape[0] == 1, "all pairs of a step must share one row"
+        work = packed_work(pairs, batch)
+        batch = to_device(batch, device, dtype)
+        step = Step(lambda: packed_logps(model, batch), work, base.removeprefix("packed_"), LOSSES["orpo"])
+    if reference == "none":
+        return step
+    live = lambda: AdapterDisabled(model).logps(model, batch)  # noqa: E731 - pair_logps reads the batch's layout
+    if reference == "precomputed":
+        from vlm_orpo.modeling.shared_prefix import set_attention_backend
+
+        set_attention_backend(model, step.backend)
+        cached = live()
+        live = lambda: cached  # noqa: E731
+    return Step(step.compute, step.work, step.backend, LOSSES["dpo"], live)
 
 
 def sync(device: torch.device):
@@ -78,8 +98,8 @@ def sync(device: torch.device):
         torch.cuda.synchronize(device)
 
 
-def mean_loss(logps) -> torch.Tensor:
-    return pair_losses(logps, LOSS)["loss"].mean()
+def mean_loss(logps, loss: LossConfig, ref=None) -> torch.Tensor:
+    return pair_losses(logps, loss, ref)["loss"].mean()
 
 
 def loss_values(loss: torch.Tensor, logps) -> tuple:
@@ -90,7 +110,7 @@ def loss_values(loss: torch.Tensor, logps) -> tuple:
 def train_step(model, step: Step):
     model.zero_grad(set_to_none=True)
     logps = step.compute()
-    loss = mean_loss(logps)
+    loss = mean_loss(logps, step.loss, step.reference())
     loss.backward()
     return loss.detach(), logps
 
@@ -111,16 +131,23 @@ def time_step(model, step: Step, device, warmup: int, steps: int):
     return times, values
 
 
-def forward_only_values(compute) -> tuple:
-    """Loss values of `compute()` without a backward (variants with no backward here, and the reference)."""
+def forward_only_values(step: Step) -> tuple:
+    """Loss values of a step without a backward (variants with no backward here, and the oracle)."""
     with torch.no_grad():
-        logps = compute()
-        return loss_values(mean_loss(logps), logps)
+        logps = step.compute()
+        return loss_values(mean_loss(logps, step.loss, step.reference()), logps)
 
 
-def reference_values(model, pairs: list[EncodedPair], pad_id: int) -> tuple:
-    """Loss values from `modeling.plain.plain_pair_logps` itself, the oracle of the tests, for the loss check."""
-    return forward_only_values(lambda: plain_pair_logps(model, pairs, pad_id))
+def reference_values(model, pairs: list[EncodedPair], pad_id: int, loss: str = "orpo") -> tuple:
+    """Loss values from `modeling.plain.plain_pair_logps` itself, the oracle of the tests, for the loss check (DPO:
+    its reference too, with the adapter disabled)."""
+    def reference():
+        with model.disable_adapter():
+            return plain_pair_logps(model, pairs, pad_id)
+
+    oracle = Step(lambda: plain_pair_logps(model, pairs, pad_id), {}, "sdpa", LOSSES[loss],
+                  reference if loss == "dpo" else lambda: None)
+    return forward_only_values(oracle)
 
 
 def free_memory(device):
