@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -292,14 +293,15 @@ def test_a_full_disk_is_one_line_naming_the_directory_and_what_was_kept(asset_ca
 
 
 def test_trackers_write_inside_the_run_with_the_metrics_file_names(asset_cache, tmp_path):
-    """TensorBoard and wandb (offline) land in output_dir, with metrics.jsonl's names, the config and the table."""
+    """TensorBoard, wandb (offline) and trackio (its local store) land in output_dir, with metrics.jsonl's names,
+    the config and the table."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     run = tmp_path / "run"
     env = dict(os.environ, WANDB_MODE="offline", WANDB_SILENT="true")
     cli("train", "--config", QUICKSTART, f"training.output_dir={run}", "training.max_steps=4",
         "training.eval_steps=2", "training.save_strategy=no", "training.logging_steps=1",
-        "training.per_device_train_batch_size=4", "data.eval_limit=8", "training.report_to=[tensorboard, wandb]",
+        "training.per_device_train_batch_size=4", "data.eval_limit=8", "training.report_to=[tensorboard, wandb, trackio]",
         env=env, cwd=tmp_path)
     assert not (tmp_path / "runs").exists() and not (tmp_path / "wandb").exists()  # nothing beside the run
     logged = {key for r in records(run) for key, v in r.items() if isinstance(v, float) and key != "step"}
@@ -313,6 +315,12 @@ def test_trackers_write_inside_the_run_with_the_metrics_file_names(asset_cache, 
     [wandb_run] = (run / "wandb").glob("offline-run-*/run-*.wandb")
     history = wandb_history(wandb_run)
     assert {"loss", "eval_loss", "rewards/accuracies"} <= set().union(*history) and len(history) >= 4
+    with sqlite3.connect(run / "trackio" / "vlm-orpo.db") as db:  # trackio's store, read without trackio
+        rows = [(step, json.loads(m)) for name, step, m in db.execute("select run_name, step, metrics from metrics")
+                if name == run.name]
+        [config] = [json.loads(c) for (c,) in db.execute("select config from configs where run_name = ?", (run.name,))]
+    assert logged <= set().union(*(m for _, m in rows)) and [s for s, m in rows if "eval_loss" in m] == [0, 2, 4]
+    assert config["lora"]["r"] == 16 and any("Pref. accuracy" in json.dumps(m) for _, m in rows)
 
 
 def wandb_history(path: Path) -> list[dict]:
@@ -340,6 +348,19 @@ def wandb_history(path: Path) -> list[dict]:
                 rows.append({item.key or "/".join(item.nested_key): json.loads(item.value_json)
                              for item in record.history.item})
     return rows
+
+
+def test_trackio_already_bound_to_another_store_is_one_line(tmp_path):
+    """trackio fixes its store's folder when imported; a run that cannot log into its own folder says so."""
+    import trackio  # noqa: F401 - this process's trackio, bound to its default store
+    from trackio import utils
+
+    from vlm_orpo.errors import ConfigError
+    from vlm_orpo.trackers import point_trackio_at
+
+    point_trackio_at(Path(utils.TRACKIO_DIR))  # the folder it is bound to: nothing to say
+    with pytest.raises(ConfigError, match=r"^trackio already writes to .+; run `vlm-orpo train` in a new process"):
+        point_trackio_at(tmp_path / "run" / "trackio")
 
 
 def test_a_tracker_whose_package_is_missing_is_one_line(tmp_path, capsys, monkeypatch):
