@@ -9,6 +9,7 @@ import pytest
 
 from conftest import QUICKSTART, ROOT
 from conftest import run_cli as cli
+from vlm_orpo.assets import TINY_MODELS
 
 
 def assert_one_line_error(result, *needles):
@@ -33,8 +34,10 @@ def test_assets_json_offline(asset_cache):
     result = cli("assets", "--json")
     assert result.returncode == 0, result.stderr
     paths = json.loads(result.stdout)
+    tiny_models = paths.pop("tiny_models")  # every family's tiny model, built offline
     assert paths == asset_cache
-    assert (Path(paths["tiny_model"]) / "config.json").exists()
+    assert set(tiny_models) == set(TINY_MODELS) and tiny_models["llava_next"] == paths["tiny_model"]
+    assert all((Path(path) / "config.json").is_file() for path in tiny_models.values())
     assert "tiny_model" in cli("assets").stdout
 
 
