@@ -75,9 +75,8 @@ CHAT_TEMPLATE = (
 def _tokenizer():
     """Byte-level BPE with Gemma's special tokens; BOS prepended like Gemma's (`add_special_tokens=True`)."""
     from tokenizers import processors
-    from transformers import PreTrainedTokenizerFast
 
-    from vlm_orpo.assets.tiny_model import tokenizer_corpus, train_bpe
+    from vlm_orpo.assets.tiny_model import tokenizer_corpus, train_bpe, wrap_tokenizer
 
     lines = tokenizer_corpus()
     image = f"\n\n{BOI}{IMAGE * MM_TOKENS_PER_IMAGE}{EOI}\n\n"
@@ -86,21 +85,13 @@ def _tokenizer():
     tok.post_processor = processors.TemplateProcessing(
         single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, tok.token_to_id(BOS))]
     )
-    hf_tok = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        bos_token=BOS,
+    return wrap_tokenizer(
+        tok, CHAT_TEMPLATE, bos_token=BOS,
         eos_token=EOT,  # the end of a model turn: what an answer ends with and generation stops at
-        pad_token=PAD,
-        unk_token=UNK,
+        pad_token=PAD, unk_token=UNK,
         extra_special_tokens={"boi_token": BOI, "eoi_token": EOI, "image_token": IMAGE, "sot_token": SOT,
                               "eot_token": EOT},
-        padding_side="right",
-        truncation_side="right",
-        model_max_length=4096,
-        clean_up_tokenization_spaces=False,
     )
-    hf_tok.chat_template = CHAT_TEMPLATE
-    return hf_tok
 
 
 def _processor(hf_tok):

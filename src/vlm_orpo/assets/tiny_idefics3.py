@@ -23,7 +23,7 @@ import json
 from pathlib import Path
 
 from vlm_orpo.assets.atomic import atomic_dir
-from vlm_orpo.assets.tiny_model import train_bpe, tokenizer_corpus
+from vlm_orpo.assets.tiny_model import tokenizer_corpus, train_bpe, wrap_tokenizer
 
 __all__ = ["CHAT_TEMPLATES", "SPECIAL_TOKENS", "build_idefics3", "build_smolvlm", "build_tokenizer"]
 
@@ -105,13 +105,8 @@ def build_tokenizer():
 
 
 def _wrap_tokenizer(tok, variant: str):
-    from transformers import PreTrainedTokenizerFast
-
-    hf_tok = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        bos_token=_BOS[variant],
-        eos_token=END_OF_UTTERANCE,
-        pad_token=PAD,
+    return wrap_tokenizer(
+        tok, CHAT_TEMPLATES[variant], bos_token=_BOS[variant], eos_token=END_OF_UTTERANCE, pad_token=PAD,
         unk_token=UNK,
         # SmolVLMProcessor reads these names off the tokenizer (Idefics3Processor hard-codes the same strings)
         extra_special_tokens={
@@ -120,13 +115,7 @@ def _wrap_tokenizer(tok, variant: str):
             "global_image_token": GLOBAL_IMAGE,
             "end_of_utterance_token": END_OF_UTTERANCE,
         },
-        padding_side="right",
-        truncation_side="right",
-        model_max_length=4096,
-        clean_up_tokenization_spaces=False,
     )
-    hf_tok.chat_template = CHAT_TEMPLATES[variant]
-    return hf_tok
 
 
 def _image_processor(variant: str):

@@ -27,7 +27,7 @@ import json
 from pathlib import Path
 
 from vlm_orpo.assets.atomic import atomic_dir
-from vlm_orpo.assets.tiny_model import tokenizer_corpus, train_bpe
+from vlm_orpo.assets.tiny_model import tokenizer_corpus, train_bpe, wrap_tokenizer
 
 __all__ = [
     "INTERNVL_CHAT_TEMPLATE",
@@ -139,21 +139,6 @@ def _chat_lines(fmt: str) -> list[str]:
     return [fmt.format(q=q, a=a) for q, a in zip(lines[:40], lines[40:80])]
 
 
-def _wrap(tok, chat_template: str, **special):
-    from transformers import PreTrainedTokenizerFast  # alias of TokenizersBackend in transformers 5
-
-    hf_tok = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        padding_side="right",
-        truncation_side="right",
-        model_max_length=4096,
-        clean_up_tokenization_spaces=False,
-        **special,
-    )
-    hf_tok.chat_template = chat_template
-    return hf_tok
-
-
 def _qwen2_text(hf_tok, hidden: int = 128):
     from transformers import Qwen2Config
 
@@ -217,7 +202,7 @@ def build_llava_onevision(out_dir: Path, seed: int = 0) -> Path:
     image, video = "<image>", "<video>"
     tok = train_bpe([PAD_QWEN, IM_START, IM_END, image, video],
                     _chat_lines(f"{IM_START}user {image}\n{{q}}{IM_END}\n{IM_START}assistant\n{{a}}{IM_END}\n"))
-    hf_tok = _wrap(tok, ONEVISION_CHAT_TEMPLATE, eos_token=IM_END, pad_token=PAD_QWEN,
+    hf_tok = wrap_tokenizer(tok, ONEVISION_CHAT_TEMPLATE, eos_token=IM_END, pad_token=PAD_QWEN,
                    extra_special_tokens={"image_token": image, "video_token": video})
     image_processor = LlavaOnevisionImageProcessorPil(
         size={"height": OV_CROP, "width": OV_CROP},
@@ -274,7 +259,7 @@ def build_internvl(out_dir: Path, seed: int = 0) -> Path:
     start, end, context, video = "<img>", "</img>", "<IMG_CONTEXT>", "<video>"
     tok = train_bpe([PAD_QWEN, IM_START, IM_END, start, end, context, video],
                     _chat_lines(f"{IM_START}user\n{start}{context}{end}\n{{q}}{IM_END}\n{IM_START}assistant\n{{a}}{IM_END}\n"))
-    hf_tok = _wrap(tok, INTERNVL_CHAT_TEMPLATE, eos_token=IM_END, pad_token=PAD_QWEN, extra_special_tokens={
+    hf_tok = wrap_tokenizer(tok, INTERNVL_CHAT_TEMPLATE, eos_token=IM_END, pad_token=PAD_QWEN, extra_special_tokens={
         "start_image_token": start, "end_image_token": end, "context_image_token": context, "video_token": video,
     })
     image_processor = GotOcr2ImageProcessorPil(
@@ -332,7 +317,7 @@ def build_mistral3(out_dir: Path, seed: int = 0) -> Path:
                     _chat_lines(f"{bos}{inst}{{q}}{img}{inst_end}{{a}}{eos}"))
     tok.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
                                                        special_tokens=[(bos, tok.token_to_id(bos))])
-    hf_tok = _wrap(tok, MISTRAL3_CHAT_TEMPLATE, bos_token=bos, eos_token=eos, pad_token=pad, unk_token=unk,
+    hf_tok = wrap_tokenizer(tok, MISTRAL3_CHAT_TEMPLATE, bos_token=bos, eos_token=eos, pad_token=pad, unk_token=unk,
                    extra_special_tokens={"image_token": img})
     image_processor = PixtralImageProcessorPil(
         size={"longest_edge": M3_LONGEST}, patch_size=M3_PATCH,

@@ -24,6 +24,7 @@ __all__ = [
     "build_tiny_model",
     "build_tokenizer",
     "train_bpe",
+    "wrap_tokenizer",
     "tokenizer_corpus",
 ]
 
@@ -175,22 +176,20 @@ def build_tokenizer():
     return tok
 
 
-def _wrap_tokenizer(tok):
+def wrap_tokenizer(tok, chat_template: str, **special):
+    """A trained `tokenizers` BPE as the transformers tokenizer every tiny model saves: right padding, the family's
+    special tokens (`bos_token=...`, `extra_special_tokens={...}`) and chat template."""
     from transformers import PreTrainedTokenizerFast  # alias of TokenizersBackend in transformers 5
 
     hf_tok = PreTrainedTokenizerFast(
         tokenizer_object=tok,
-        bos_token=BOS,
-        eos_token=EOS,
-        pad_token=PAD,
-        unk_token=UNK,
-        extra_special_tokens={"image_token": IMAGE},
         padding_side="right",
         truncation_side="right",
         model_max_length=4096,
         clean_up_tokenization_spaces=False,
+        **special,
     )
-    hf_tok.chat_template = CHAT_TEMPLATE
+    hf_tok.chat_template = chat_template
     return hf_tok
 
 
@@ -290,7 +289,8 @@ def build_tiny_model(out_dir: Path, seed: int = 0) -> Path:
 
     out_dir = Path(out_dir).absolute()
     with atomic_dir(out_dir) as tmp:
-        hf_tok = _wrap_tokenizer(build_tokenizer())
+        hf_tok = wrap_tokenizer(build_tokenizer(), CHAT_TEMPLATE, bos_token=BOS, eos_token=EOS, pad_token=PAD,
+                                unk_token=UNK, extra_special_tokens={"image_token": IMAGE})
         processor = _build_processor(hf_tok)
         config = _build_config(hf_tok)
 

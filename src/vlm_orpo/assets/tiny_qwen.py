@@ -94,20 +94,10 @@ def build_tokenizer():
 
 
 def _wrap_tokenizer(tok):
-    from transformers import PreTrainedTokenizerFast  # alias of TokenizersBackend in transformers 5
+    from vlm_orpo.assets.tiny_model import wrap_tokenizer
 
-    hf_tok = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        eos_token=IM_END,
-        pad_token=ENDOFTEXT,
-        extra_special_tokens={"image_token": IMAGE_PAD, "video_token": VIDEO_PAD},
-        padding_side="right",
-        truncation_side="right",
-        model_max_length=4096,
-        clean_up_tokenization_spaces=False,
-    )
-    hf_tok.chat_template = CHAT_TEMPLATE
-    return hf_tok
+    return wrap_tokenizer(tok, CHAT_TEMPLATE, eos_token=IM_END, pad_token=ENDOFTEXT,
+                          extra_special_tokens={"image_token": IMAGE_PAD, "video_token": VIDEO_PAD})
 
 
 def _build_processor(family: str, hf_tok):

@@ -86,28 +86,12 @@ class QwenVLFamily(ModelFamily):
         return mrope_position_ids(model, batch)
 
 
-QWEN2_VL = QwenVLFamily(
-    name="qwen2_vl",
-    model_types=("qwen2_vl",),
-    language_model="model.language_model",
-    projector="model.visual.merger",
-    vision_tower="model.visual",
-)
+_PATHS = dict(language_model="model.language_model", projector="model.visual.merger", vision_tower="model.visual")
 
-QWEN2_5_VL = QwenVLFamily(
-    name="qwen2_5_vl",
-    model_types=("qwen2_5_vl",),
-    language_model="model.language_model",
-    projector="model.visual.merger",
-    vision_tower="model.visual",
-)
+QWEN2_VL = QwenVLFamily(name="qwen2_vl", model_types=("qwen2_vl",), **_PATHS)
+
+QWEN2_5_VL = QwenVLFamily(name="qwen2_5_vl", model_types=("qwen2_5_vl",), **_PATHS)
 
 # Qwen3-VL's deepstack mergers (model.visual.deepstack_merger_list) also project vision features into the text
 # model; `projector` names the main merger only (what lora.train_projector trains)
-QWEN3_VL = QwenVLFamily(
-    name="qwen3_vl",
-    model_types=("qwen3_vl",),
-    language_model="model.language_model",
-    projector="model.visual.merger",
-    vision_tower="model.visual",
-)
+QWEN3_VL = QwenVLFamily(name="qwen3_vl", model_types=("qwen3_vl",), **_PATHS)
