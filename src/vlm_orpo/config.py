@@ -210,6 +210,8 @@ class PreferenceTrainingArguments(TrainingArguments):
     output_dir: str = field(default="runs/vlm-orpo")
     remove_unused_columns: bool = False
     report_to: Any = "none"
+    # TrainingArguments types it `str | None` for its legacy strings, though `fsdp: true` is the spelling it wants
+    fsdp: bool | str | None = field(default=None, metadata={"help": "FSDP on (true); settings in fsdp_config"})
 
     def __post_init__(self):
         for name in _POSITIVE:

@@ -199,14 +199,15 @@ def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False) -> Path
         if main_process:
             print(plan(cfg, trainer.args, trainer, report), flush=True)
         with stopped_cleanly(trainer, run):
-            if trainer.eval_dataset is not None and checkpoint is None:
-                trainer.evaluate()  # step 0: the adapter is still the identity, so this is the base model's row
             if checkpoint is not None and run.completed(checkpoint):
                 # transformers 5.17 trains one step past max_steps when resumed from the last step's checkpoint
                 trainer.state = TrainerState.load_from_json(str(checkpoint / TRAINER_STATE_NAME))
                 trainer._load_from_checkpoint(str(checkpoint))
                 trainer.evaluated_at_step = run.last_eval_step()
             else:
+                # step 0 is the base model's row (the adapter is still the identity); evaluated inside train(),
+                # once the engine has wrapped the model: under FSDP the ranks hold the loaded weights only then
+                trainer.args.eval_on_start = trainer.eval_dataset is not None and checkpoint is None
                 trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
             if trainer.eval_dataset is not None and trainer.evaluated_at_step != trainer.state.global_step:
                 trainer.evaluate()  # Trainer evaluates at the last step itself when eval_strategy is steps

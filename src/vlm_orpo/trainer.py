@@ -26,6 +26,7 @@ from transformers.training_args import ParallelMode
 from vlm_orpo.cards import CardFacts, write_training_card
 from vlm_orpo.config import LossConfig
 from vlm_orpo.errors import RunStopped
+from vlm_orpo.fsdp import configure_fsdp
 from vlm_orpo.losses import pair_losses
 from vlm_orpo.modeling.forward import pair_logps
 from vlm_orpo.reference import reference_for
@@ -51,6 +52,20 @@ class PreferenceTrainer(Trainer):
         self._last_log_time = time.perf_counter()
         self.evaluated_at_step: int | None = None
         self.card_facts: CardFacts | None = None  # set by train.py: every saved adapter then gets a model card
+
+    def create_accelerator_and_postprocess(self) -> None:
+        super().create_accelerator_and_postprocess()
+        self.is_fsdp_enabled = configure_fsdp(self.accelerator, self.args, self.model)
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """Under FSDP every saved model folder holds the full weights, gathered on rank 0, whatever
+        `fsdp_config.state_dict_type` says: the sharded files are what a checkpoint resumes from, while best/,
+        final/ and each checkpoint's adapter load, merge and serve like a single-process run's."""
+        if not self.is_fsdp_enabled:
+            return super().save_model(output_dir, _internal_call)
+        state_dict = self.accelerator.get_state_dict(self.model)  # collective: every rank takes part
+        if self.args.should_save:
+            self._save(output_dir or self.args.output_dir, state_dict=state_dict)
 
     def train(self, *args, **kwargs):
         self._last_log_time = time.perf_counter()  # pairs/s counts training, not model loading or the base eval
