@@ -35,6 +35,7 @@ from vlm_orpo.config import (
 )
 from vlm_orpo.data.packing import PairEncoder, PlainCollator, load_pairs
 from vlm_orpo.errors import RunStopped, first_line
+from vlm_orpo.launch_check import check_accelerate_config
 from vlm_orpo.modeling.forward import pair_collator, resolve_forward_mode
 from vlm_orpo.modeling.compile import compile_decoder_layers
 from vlm_orpo.modeling.load import attach_adapter, load_base_model, load_processor, model_family, trainable_parameters
@@ -62,12 +63,18 @@ def add_arguments(parser) -> None:
     parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint in output_dir")
     parser.add_argument("--overwrite", action="store_true", help="start over in an output_dir that holds checkpoints")
     parser.add_argument("--dry-run", action="store_true", help="validate the config and print the plan; no training")
+    parser.add_argument("--accelerate-config", metavar="FILE",
+                        help="with --dry-run: check the config file you will give `accelerate launch --config_file` "
+                             "(DDP, FSDP, DeepSpeed, several machines) against this run")
 
 
 def run(args) -> None:
     cfg = load_config(args.config, args.overrides)
+    if args.accelerate_config and not args.dry_run:
+        raise ConfigError("--accelerate-config checks a launch with --dry-run; to train, give the file to "
+                          "`accelerate launch --config_file FILE -m vlm_orpo.cli train ...`")
     if args.dry_run:
-        print(dry_run(cfg))
+        print(dry_run(cfg, args.accelerate_config))
         return
     print(f"run directory: {train(cfg, resume=args.resume, overwrite=args.overwrite)}")
 
@@ -280,7 +287,7 @@ def write_summary(out: Path, loss: LossConfig, seconds: float, report) -> str:
     return printed
 
 
-def dry_run(cfg: RunConfig) -> str:
+def dry_run(cfg: RunConfig, accelerate_config: str | None = None) -> str:
     """Validate what can be validated offline and print the plan; hub models and data are not fetched."""
     from transformers import AutoConfig, AutoModelForImageTextToText
 
@@ -306,6 +313,7 @@ def dry_run(cfg: RunConfig) -> str:
     except OSError as exc:
         config = None
         notes.append(f"model config not reachable here ({type(exc).__name__}); its family is checked when it loads")
+    model = None
     if config is not None:
         family = model_family(cfg.model)  # raises ConfigError for a model that is not image-text-to-text
         mode = resolve_forward_mode(cfg.model.forward_mode, config)
@@ -315,4 +323,6 @@ def dry_run(cfg: RunConfig) -> str:
         trainable, total = trainable_parameters(model)
         notes.append(f"model family: {family.name}; forward: {'packed shared prefix' if mode == 'packed' else 'plain, two sequences per pair'}; "
                      f"trainable parameters: {trainable:,} of {total:,} ({trainable / total:.2%})")
+    if accelerate_config is not None:
+        notes += check_accelerate_config(accelerate_config, args, model)
     return plan(cfg, args) + "\n" + "\n".join(notes)
