@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
-# Every GPU number issue 6 asks for, on one lent H100/H200, in about 8 minutes (GPU_RUN_BUDGET_S, default 480).
+# Every GPU number issue 6 asks for, and Qwen2.5-VL-7B's (issue 12), on one lent H100/H200, in about 9 minutes
+# (GPU_RUN_BUDGET_S, default 560).
 #
 #   bash benchmarks/gpu_run.sh            # from the repository root; needs torch with CUDA, transformers, peft
 #
 # Runs, in priority order (each under `timeout`, the next one starts whatever happened to the last; a run is
 # skipped when less than MIN_RUN_S of the budget is left):
 #   eager1    7b, 1 pair/step: plain, packed_sdpa, packed_pairs, packed_flex, each without and with grad ckpt; op profile
+#   qwen7b    --family qwen2_5_vl 7b (a 1024x768 image, 999 image tokens), 1 pair/step: plain, packed_sdpa,
+#             packed_pairs (its text model has no flex), 5 timed steps
 #   compile1  7b, 1 pair/step: plain and packed_flex with torch.compile of each decoder layer, without and with
 #             grad ckpt (the compiled plain step is the strongest baseline)
 #   eager8    7b, 8 pairs/step, grad ckpt: plain, packed_pairs and packed_flex (without grad ckpt neither fits 80 GB)
@@ -21,7 +24,7 @@ cd "$(dirname "$0")/.."
 export PYTHONPATH="src${PYTHONPATH:+:$PYTHONPATH}"
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 export PYTORCH_CUDA_ALLOC_CONF="${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}"
-BUDGET_S="${GPU_RUN_BUDGET_S:-480}"
+BUDGET_S="${GPU_RUN_BUDGET_S:-560}"
 MIN_RUN_S="${MIN_RUN_S:-75}"
 PY="${PYTHON:-python}"
 RES="${GPU_RUN_RESULTS:-benchmarks/results}"
@@ -87,6 +90,7 @@ bench() {  # bench NAME CAP_S ARGS... -> benchmarks/results/gpu-...-NAME.json
 bench eager1 210 --pairs-per-step 1 --grad-checkpointing both --variants plain,packed_sdpa,packed_pairs,packed_flex \
   --profile "$TAG-eager1-profile.txt"
 [ -f "$TAG-eager1-profile.txt" ] && WRITTEN+=("$TAG-eager1-profile.txt")
+bench qwen7b 100 --family qwen2_5_vl --pairs-per-step 1 --variants plain,packed_sdpa,packed_pairs --steps 5 --warmup 1
 BASE1=(); [ -f "$TAG-eager1.json" ] && BASE1=(--baseline "$TAG-eager1.json")
 bench compile1 260 --pairs-per-step 1 --grad-checkpointing both --variants plain,packed_flex --compile ${BASE1[@]+"${BASE1[@]}"} \
   --profile "$TAG-compile1-profile.txt"

@@ -28,17 +28,25 @@ Timing: `--warmup` untimed steps, then the median of `--steps` (default 10) step
 as a skip, not a failure). The --json file is rewritten after every variant, so a run cut short keeps what
 it measured ("complete": false).
 
-Sizes (random weights, built from a config, nothing downloaded):
-  7b       llava-v1.6-mistral-7b architecture: Mistral-7B text model, CLIP ViT-L/14-336, anyres grid; a 640x480
-           image gives 2340 image tokens; ~40-token question; answers lognormal around 150 tokens
-  small    the same structure scaled down so the whole benchmark runs in well under 2 minutes on 2 CPU cores
-  7b-tiny  the 7b input geometry (2340 image tokens, same answer lengths) with tiny widths, to check the 7b
-           path on a CPU
+Families (--family, default llava_next; `all` or several names run one after another into one JSON):
+llava_next, llava_onevision, internvl, mistral3, qwen2_vl, qwen2_5_vl, qwen3_vl, gemma3, idefics3, smolvlm.
+Each runs through the project's own family code (Qwen's M-RoPE positions, Gemma 3's dense per-layer masks, ...);
+a variant whose attention backend the family does not support (Gemma 3: sdpa only) is recorded as skipped.
+Sizes (random weights, built from a config, nothing downloaded; all in benchmarks/bench/families.py):
+  7b       llava_next: llava-v1.6-mistral-7b architecture: Mistral-7B text model, CLIP ViT-L/14-336, anyres grid;
+           a 640x480 image gives 2340 image tokens; ~40-token question; answers lognormal around 150 tokens.
+           qwen2_5_vl: Qwen2.5-VL-7B-Instruct architecture; a 1024x768 image gives 999 image tokens; same text
+  small    every family at the same scale (d=128, 2 layers, vocab 2048; vision width 64, 2 layers; 190-320
+           image tokens), so the whole benchmark of one family runs in well under 2 minutes on 2 CPU cores
+  7b-tiny  the 7b input geometry with tiny widths, to check the 7b path on a CPU
+MFU counts the vision tower only for LLaVA-NeXT (CLIP's formula); for the other families it is text only.
 
     python benchmarks/step_bench.py --size small --device cpu --json out.json
     python benchmarks/step_bench.py --size 7b --device cuda --pairs-per-step 1 --compile --json out.json
     python benchmarks/step_bench.py --size small --device cpu --rejected-per-prompt 1 3 7 --json out.json
     python benchmarks/step_bench.py --size small --device cpu --loss dpo --variants plain,packed_pairs --json out.json
+    python benchmarks/step_bench.py --family all --size small --device cpu --pairs-per-step 1 8 --json out.json
+    python benchmarks/step_bench.py --family qwen2_5_vl --size 7b --device cuda --json out.json
     python benchmarks/step_bench.py --summarize benchmarks/results/*.json      # markdown table of results
 
 This file is the command line (flags, setup, and a loop of `measure` over the variants); the harness it drives
@@ -49,6 +57,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import json
 import os
 import sys
 import time
@@ -67,12 +76,11 @@ except ImportError:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, str(REPO / "src"))
 
 import torch  # noqa: E402
-from bench.env import GIB, device_info, versions  # noqa: E402
-from bench.flops import FORMULA, work_flops  # noqa: E402
+from bench.env import GIB, device_info, load_average, machine, versions  # noqa: E402
+from bench.families import SIZES, Size, size_of  # noqa: E402
+from bench.flops import formula, work_flops  # noqa: E402
 from bench.geometry import (  # noqa: E402
     LORA_R,
-    SIZES,
-    Size,
     attach_lora,
     build_model,
     crops_per_image,
@@ -80,12 +88,13 @@ from bench.geometry import (  # noqa: E402
     with_rejected,
 )
 from bench.profiling import profile_breakdown  # noqa: E402
-from bench.report import Report, skipped_entry, summarize, timed_entry  # noqa: E402
+from bench.report import Report, family_table, skipped_entry, summarize, timed_entry  # noqa: E402
 from bench.steps import (  # noqa: E402
     BASE_VARIANTS,
     LOSSES,
     Step,
     Variant,
+    backend_of,
     forward_only_values,
     free_memory,
     prepare_step,
@@ -95,7 +104,8 @@ from bench.steps import (  # noqa: E402
 )
 
 from vlm_orpo.errors import first_line  # noqa: E402
-from vlm_orpo.modeling.shared_prefix import set_attention_backend  # noqa: E402
+from vlm_orpo.modeling.families import family_for  # noqa: E402
+from vlm_orpo.modeling.shared_prefix import set_attention_backend, unwrap  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 PAD_ID = 0
@@ -117,7 +127,7 @@ class Bench:
     dtype: torch.dtype
     model: object
     pairs: list
-    crops: int  # vision-tower crops per image
+    crops: int | None  # vision-tower crops per image (LLaVA-NeXT; None: the FLOP formula leaves vision out)
     info: dict  # the device, with its peak FLOP/s for MFU (`bench.env.device_info`)
     warmup: int
     setup_s: float
@@ -129,7 +139,9 @@ def log(message: str):
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--size", choices=sorted(SIZES), default="small")
+    ap.add_argument("--family", nargs="+", default=["llava_next"], metavar="FAMILY",
+                    help=f"one or more of {', '.join(SIZES)}, or all (default llava_next)")
+    ap.add_argument("--size", choices=sorted({s for sizes in SIZES.values() for s in sizes}), default="small")
     ap.add_argument("--device", choices=["cuda", "cpu"], default=None, help="default: cuda if available")
     ap.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: bf16 on cuda, fp32 on cpu")
     ap.add_argument("--pairs-per-step", type=int, nargs="+", default=None,
@@ -151,7 +163,8 @@ def parse_args(argv=None):
     ap.add_argument("--threads", type=int, default=None, help="CPU intra-op threads (default: torch's)")
     ap.add_argument("--peak-tflops", type=float, default=None, help="override the device's peak for MFU")
     ap.add_argument("--baseline", default=None, help="a JSON from this script whose plain variants give speed-ups")
-    ap.add_argument("--profile", default=None, metavar="FILE", help="write a per-part profile of each variant here")
+    ap.add_argument("--profile", default=None, metavar="FILE",
+                    help="write a per-part profile of each variant here (one family)")
     ap.add_argument("--profile-steps", type=int, default=2)
     ap.add_argument("--json", default=None, metavar="FILE")
     ap.add_argument("--summarize", nargs="+", default=None, metavar="JSON",
@@ -183,7 +196,7 @@ def references(args, base: str) -> list[str]:
 
 
 def pairs_per_step(args) -> list[int]:
-    return sorted(set(args.pairs_per_step or SIZES[args.size].default_pairs_per_step))
+    return sorted(set(args.pairs_per_step or size_of(args.family, args.size).default_pairs_per_step))
 
 
 def pairs_suffix(n: int) -> str:
@@ -212,9 +225,9 @@ def setup(args) -> Bench:
     if args.steps < 1:
         sys.exit("--steps must be >= 1")
     dtype = DTYPES[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
-    size = SIZES[args.size]
+    size = size_of(args.family, args.size)
     warmup = max(args.warmup, 3) if args.compile else args.warmup  # compile, then the dynamic-shape recompile
-    log(f"size={args.size} device={device} dtype={dtype} pairs/step={pairs_per_step(args)} "
+    log(f"family={args.family} size={args.size} device={device} dtype={dtype} pairs/step={pairs_per_step(args)} "
         f"rejected/prompt={rejected_per_prompt(args)} "
         f"grad_ckpt={args.grad_checkpointing} compile={args.compile}")
     t0 = time.perf_counter()
@@ -238,8 +251,9 @@ def header(b: Bench) -> dict:
     n_params = sum(p.numel() for p in b.model.parameters())
     n_train = sum(p.numel() for p in b.model.parameters() if p.requires_grad)
     image_tokens = b.pairs[0].prompt_ids.count(size.image_token_id)
+    crops = f" ({b.crops} crops)" if b.crops is not None else ""
     log(f"model {n_params / 1e6:.1f}M params ({n_train / 1e6:.2f}M LoRA), {image_tokens} image "
-        f"tokens/image ({b.crops} crops), setup {b.setup_s:.1f}s")
+        f"tokens/image{crops}, setup {b.setup_s:.1f}s")
     return {
         "benchmark": "benchmarks/step_bench.py",
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -247,6 +261,7 @@ def header(b: Bench) -> dict:
         "device": b.info,
         "versions": versions(),
         "config": {
+            "family": args.family,
             "size": args.size,
             "model": size.description,
             "dtype": str(b.dtype).replace("torch.", ""),
@@ -266,7 +281,7 @@ def header(b: Bench) -> dict:
             "image_hw": list(size.image_hw),
             "image_tokens": image_tokens,
             "crops_per_image": b.crops,
-            "mfu_flops": FORMULA,
+            "mfu_flops": formula(size),
             "seed": args.seed,
             "setup_s": b.setup_s,
         },
@@ -294,6 +309,11 @@ def measure(b: Bench, v: Variant, values: dict) -> tuple[dict, tuple | None, dic
     """Time one variant: (its report entry, its loss values, its profile, whether it failed). Out of memory and
     variants that cannot run on this device become entries with the reason; `values` are those measured so far."""
     t0 = time.perf_counter()
+    family = family_for(unwrap(b.model).config)
+    if backend_of(v.base) not in family.backends:
+        entry = skipped_entry(f"{family.name} supports the {', '.join(family.backends)} backend(s) only", v)
+        log(f"{v.name}: skipped ({entry['skipped']})")
+        return entry, None, None, False
     set_grad_checkpointing(b.model, v.grad_checkpointing)
     pairs = with_rejected(b.pairs[: v.n_pairs], v.rejected_per_prompt)
     step = prepare_step(b.model, v.base, pairs, b.device, b.dtype, PAD_ID, b.size.image_token_id, v.reference)
@@ -349,7 +369,8 @@ def check_reference(b: Bench, report: Report, v: Variant):
         log(f"{name}: out of memory (reference check skipped)")
 
 
-def run(args) -> int:
+def run(args) -> tuple[int, dict]:
+    """One family: (exit status, the report)."""
     t_start = time.perf_counter()
     variants = plan(args)
     b = setup(args)
@@ -361,9 +382,32 @@ def run(args) -> int:
             checked.add(v.group)
             check_reference(b, report, v)
         report.add(v.name, *measure(b, v, report.values))
-    title = (f"# step_bench profile: size {args.size}, {b.info.get('name')}, {report.data['config']['dtype']}, "
-             f"compile={args.compile}, {report.data['date']}")
-    return report.finish(args.profile, title)
+    title = (f"# step_bench profile: {args.family} size {args.size}, {b.info.get('name')}, "
+             f"{report.data['config']['dtype']}, compile={args.compile}, {report.data['date']}")
+    return report.finish(args.profile, title), report.data
+
+
+def run_families(args, families: list[str]) -> int:
+    """Each family in turn, in this process, into one JSON (rewritten after each family, so a run cut short keeps
+    the families it finished) with the machine and its load average before and after; then one table."""
+    if args.profile or args.baseline:
+        sys.exit("--profile and --baseline take one family")
+    combined = {"benchmark": "benchmarks/step_bench.py",
+                "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                "complete": False, "machine": machine(), "load_avg_start": load_average(), "families": {}}
+    status = 0
+    for family in families:
+        rc, data = run(argparse.Namespace(**{**vars(args), "family": family, "json": None}))
+        status = status or rc
+        combined["families"][family] = data
+        combined["load_avg_end"] = load_average()
+        combined["complete"] = family == families[-1]
+        if args.json:
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.json).write_text(json.dumps(combined, indent=2) + "\n")
+    print()
+    print(family_table(combined))
+    return status
 
 
 def main(argv=None) -> int:
@@ -371,7 +415,13 @@ def main(argv=None) -> int:
     if args.summarize:
         print(summarize(args.summarize))
         return 0
-    return run(args)
+    families = list(SIZES) if args.family == ["all"] else list(dict.fromkeys(args.family))
+    for family in families:
+        size_of(family, args.size)  # every family and size exists before anything runs
+    if len(families) > 1:
+        return run_families(args, families)
+    args.family = families[0]
+    return run(args)[0]
 
 
 if __name__ == "__main__":

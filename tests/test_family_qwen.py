@@ -285,3 +285,15 @@ def test_tiny_build_is_deterministic(tmp_path, family):
     assert (a / "model.safetensors").read_bytes() == (b / "model.safetensors").read_bytes()
     assert (a / "tokenizer.json").read_bytes() == (b / "tokenizer.json").read_bytes()
     assert (a / "model.safetensors").stat().st_size < 3_000_000
+
+
+def test_no_flex_backend_on_cuda():
+    """transformers' Qwen-VL text models refuse flex_attention: `auto` on CUDA resolves to pairs, and an explicit
+    flex is the family's one-line error, not transformers' deep one."""
+    from vlm_orpo.modeling.shared_prefix import resolve_backend
+
+    for family in FAMILIES:
+        backends = family_for(type("C", (), {"model_type": family})()).backends
+        assert resolve_backend("auto", torch.device("cuda"), backends) == "pairs"
+        with pytest.raises(ValueError, match="does not support this model family"):
+            resolve_backend("flex", torch.device("cuda"), backends)

@@ -1,5 +1,6 @@
-"""benchmarks/step_bench.py: the CPU smoke run and its JSON contract, the 7b geometry and FLOP formula, and
-`modeling.compile.compile_decoder_layers`. No timing is asserted."""
+"""benchmarks/step_bench.py: the CPU smoke run and its JSON contract, the 7b geometries (LLaVA-NeXT, Qwen2.5-VL)
+and FLOP formula, other families end to end, and `modeling.compile.compile_decoder_layers`. No timing is
+asserted."""
 
 from __future__ import annotations
 
@@ -18,8 +19,9 @@ BENCH = REPO / "benchmarks" / "step_bench.py"
 CONTRACT_KEYS = {"median_s", "pairs_per_s", "tokens_per_s", "mfu", "peak_gib", "loss"}
 sys.path.insert(0, str(BENCH.parent))  # the harness package `bench`, as step_bench.py imports it
 
+from bench.families import SIZES  # noqa: E402
 from bench.flops import step_flops, text_linears  # noqa: E402
-from bench.geometry import SIZES, build_config, build_image_processor, build_model, make_pairs  # noqa: E402
+from bench.geometry import build_config, build_image_processor, build_model, make_pairs  # noqa: E402
 from bench.profiling import aggregate_profile  # noqa: E402
 from bench.report import summarize  # noqa: E402
 
@@ -87,14 +89,14 @@ def test_7b_geometry_gives_2340_image_tokens(tiny_processor):
     """The bench's pixel pipeline and the model's feature count agree with the processor's own token rule."""
     from transformers import LlavaNextProcessor
 
-    geometry = SIZES["7b-tiny"]  # the 7b image geometry and answer lengths, tiny widths
+    geometry = SIZES["llava_next"]["7b-tiny"]  # the 7b image geometry and answer lengths, tiny widths
     model = build_model(geometry, torch.device("cpu"), torch.float32, seed=0)
     pairs = make_pairs(model, geometry, 2, seed=0)
     assert pairs[0].image_inputs["pixel_values"].shape == (1, 5, 3, 336, 336)
     assert pairs[0].prompt_ids.count(geometry.image_token_id) == 2340
     assert len(pairs[0].prompt_ids) == 2340 + geometry.question_tokens
     processor = LlavaNextProcessor(
-        image_processor=build_image_processor(SIZES["7b"]),
+        image_processor=build_image_processor(SIZES["llava_next"]["7b"]),
         tokenizer=tiny_processor.tokenizer,
         patch_size=14,
         vision_feature_select_strategy="default",
@@ -111,7 +113,7 @@ def test_7b_config_and_flop_formula():
     """The 7b config is llava-v1.6-mistral-7b (7.57B parameters) and the formula's linears match the model's."""
     from transformers import LlavaNextForConditionalGeneration
 
-    size = SIZES["7b"]
+    size = SIZES["llava_next"]["7b"]
     with torch.device("meta"):
         model = LlavaNextForConditionalGeneration(build_config(size))
     n_params = sum(p.numel() for p in model.parameters())
@@ -257,3 +259,96 @@ def test_dpo_with_live_and_precomputed_reference_packed_vs_plain(tmp_path):
     assert losses == pytest.approx([losses[0]] * 3, rel=1e-4)
     assert abs(losses[0] - math.log(2)) > 1e-3
 
+
+
+@pytest.fixture(scope="module")
+def family_run(tmp_path_factory):
+    """Qwen2.5-VL (M-RoPE positions) and Gemma 3 (dense per-layer-type masks, sdpa only) at the small size, two
+    pairs a step, in one several-family run."""
+    out = tmp_path_factory.mktemp("families") / "r.json"
+    paths = [str(REPO / "src"), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(paths))
+    cmd = [sys.executable, str(BENCH), "--family", "qwen2_5_vl", "gemma3", "--size", "small", "--device", "cpu",
+           "--pairs-per-step", "2", "--variants", "plain,packed_sdpa,packed_pairs", "--steps", "1", "--warmup", "1",
+           "--json", str(out)]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc, json.loads(out.read_text())
+
+
+@pytest.mark.parametrize("family, packed", [("qwen2_5_vl", ["packed_sdpa_x2", "packed_pairs_x2"]),
+                                            ("gemma3", ["packed_sdpa_x2"])])
+def test_family_packed_and_plain_losses_agree(family_run, family, packed):
+    """Each family runs its own code path (Qwen's M-RoPE, Gemma 3's masks); the losses agree with plain's and the
+    oracle's; a backend the family lacks (Gemma 3: pairs) is a skip with the reason, and MFU says it leaves the
+    vision tower out."""
+    _, combined = family_run
+    assert combined["complete"] and combined["machine"]["cpus"] and len(combined["load_avg_start"]) == 3
+    report = combined["families"][family]
+    assert report["config"]["family"] == family and report["loss_check"]["ok"]
+    assert report["config"]["image_tokens"] == (252 if family == "qwen2_5_vl" else 256)
+    assert "NOT counted" in report["config"]["mfu_flops"]
+    plain = report["variants"]["plain_x2"]
+    for name in packed:
+        v = report["variants"][name]
+        assert v["skipped"] is None and v["loss"] == pytest.approx(plain["loss"], rel=1e-4)
+        assert v["chosen_logp"] == pytest.approx(plain["chosen_logp"], rel=1e-4)
+        assert v["rejected_logp"] == pytest.approx(plain["rejected_logp"], rel=1e-4)
+        assert v["tokens_per_step"] < plain["tokens_per_step"]
+        assert (v["images_per_step"], plain["images_per_step"]) == (2, 4)
+    if family == "gemma3":
+        assert "supports the sdpa backend(s) only" in report["variants"]["packed_pairs_x2"]["skipped"]
+
+
+def test_family_run_table_and_summary(family_run, tmp_path):
+    proc, combined = family_run
+    assert "| qwen2_5_vl | 2 | 252 |" in proc.stdout and "| gemma3 | 2 | 256 |" in proc.stdout
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps(combined))
+    table = summarize([str(path)])
+    assert "r.json:qwen2_5_vl | qwen2_5_vl | packed_pairs_x2" in table and "r.json:gemma3 | gemma3 | plain_x2" in table
+
+
+def test_every_family_small_layer_matches_the_flop_formula():
+    """The formula's text linears (q, k, v, o, gate, up, down) are each family's decoder layer, at every size."""
+    from transformers import AutoModelForImageTextToText
+
+    from vlm_orpo.modeling.families import family_for
+
+    for family, sizes in SIZES.items():
+        for name, size in sizes.items():
+            if name == "7b":  # the 7b configs are checked on their own below and above
+                continue
+            with torch.device("meta"):
+                model = AutoModelForImageTextToText.from_config(build_config(size))
+            assert family_for(model.config).name in (family, "llava")  # LLaVA-NeXT's entry is LLaVA's
+            layers = model.get_decoder().layers
+            assert len(layers) == size.text["num_hidden_layers"]
+            linear = sum(m.weight.numel() for m in layers[0].modules() if isinstance(m, torch.nn.Linear))
+            assert linear == sum(i * o for i, o in text_linears(size)), (family, name)
+
+
+def test_qwen2_5_vl_7b_config_and_geometry():
+    """The 7b config is Qwen2.5-VL-7B-Instruct (8.29B parameters), and a 1024x768 image is 999 merged tokens by the
+    processor's rule and by the model's own count (on the 7b geometry with tiny widths)."""
+    from transformers import AutoModelForImageTextToText
+
+    size = SIZES["qwen2_5_vl"]["7b"]
+    with torch.device("meta"):
+        model = AutoModelForImageTextToText.from_config(build_config(size))
+    assert sum(p.numel() for p in model.parameters()) == pytest.approx(8.292e9, rel=1e-3)
+    text, vision = model.config.text_config, model.config.vision_config
+    assert (text.hidden_size, text.num_hidden_layers, text.num_attention_heads, text.num_key_value_heads,
+            text.intermediate_size) == (3584, 28, 28, 4, 18944)
+    assert (vision.depth, vision.hidden_size, vision.patch_size, vision.spatial_merge_size, vision.window_size,
+            vision.fullatt_block_indexes) == (32, 1280, 14, 2, 112, [7, 15, 23, 31])
+    layer = model.model.language_model.layers[0]
+    linear = sum(m.weight.numel() for m in layer.modules() if isinstance(m, torch.nn.Linear))
+    assert linear == sum(i * o for i, o in text_linears(size))
+    patches = build_image_processor(size).get_number_of_image_patches(768, 1024, {})
+    assert patches // 4 == 27 * 37 == 999  # resized to 756x1036: 54x74 patches, merged 2x2
+    tiny = SIZES["qwen2_5_vl"]["7b-tiny"]
+    pairs = make_pairs(build_model(tiny, torch.device("cpu"), torch.float32, seed=0), tiny, 1, seed=0)
+    assert pairs[0].prompt_ids.count(tiny.image_token_id) == 999
+    assert pairs[0].image_inputs["image_grid_thw"].tolist() == [[1, 54, 74]]
+    assert pairs[0].prompt_token_inputs["mm_token_type_ids"].sum() == 999

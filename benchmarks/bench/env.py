@@ -68,3 +68,14 @@ def device_info(device: torch.device, dtype: torch.dtype, peak_override: float |
             peak_flops=peak_override,
         )
     return info
+
+
+def load_average() -> list[float] | None:
+    """The 1, 5 and 15 minute load averages: how much else was running (CPU timings on a shared box are noisy)."""
+    return [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None
+
+
+def machine() -> dict:
+    """The host, for results that span several runs (each run's header has its device too)."""
+    return {"platform": platform.platform(), "machine": platform.machine(), "cpu": _cpu_name(), "cpus": os.cpu_count(),
+            "versions": versions()}

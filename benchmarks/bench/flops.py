@@ -7,7 +7,7 @@ import torch
 
 from vlm_orpo.data.packing import EncodedPair
 
-from .geometry import Size
+from .families import FAMILIES, Size
 
 # Dense (no sparsity) tensor-core peak, FLOP/s, by a substring of torch.cuda.get_device_name(); first match wins.
 PEAK_FLOPS = {
@@ -30,6 +30,15 @@ PEAK_FLOPS[torch.float16] = PEAK_FLOPS[torch.bfloat16]
 FORMULA = ("executed model FLOPs by formula (step_flops): frozen matmuls 2x fwd, LoRA and attention 3x fwd "
            "(attention over allowed query/key pairs only), LM head 2x fwd on the rows it runs on, vision tower + "
            "projector fwd only; gradient-checkpointing recompute not counted")
+
+
+def formula(size: Size) -> str:
+    """What MFU counts for this size: the vision term is CLIP's (LLaVA-NeXT); other towers are left out."""
+    if FAMILIES[size.family].clip_vision:
+        return FORMULA
+    return (FORMULA.replace("vision tower + projector fwd only", "vision tower and projector NOT counted")
+            + f"; {size.family}'s text model is counted by the same formula, its vision work is not, so MFU is a "
+              "lower bound")
 
 
 def peak_flops(device_name: str, dtype: torch.dtype) -> float | None:
@@ -62,14 +71,15 @@ def vision_forward_flops(size: Size, crops: int) -> float:
     return crops * (patch_embed + v["num_hidden_layers"] * per_layer + projector)
 
 
-def step_flops(size: Size, tokens: int, attended_pairs: int, logit_rows: int, crops: int, r: int) -> dict:
+def step_flops(size: Size, tokens: int, attended_pairs: int, logit_rows: int, crops: int | None, r: int) -> dict:
     """FLOPs of one training step, by component.
 
     Frozen base matmuls: forward + input-gradient = 2x forward (no weight gradient). LoRA (A and B trained):
     3x forward. Attention scores/values: 4 * attended (query, key) pairs * heads * head_dim forward, 3x for
     training; `attended_pairs` counts only the pairs the mask allows (causal, and rejected never sees chosen),
     so no variant is credited for masked-out work. LM head: 2x forward on the rows whose logits are computed
-    (all tokens for plain, only answer-predicting positions for packed). Vision tower + projector: forward only.
+    (all tokens for plain, only answer-predicting positions for packed). Vision tower + projector: forward only,
+    by CLIP's formula over `crops` (None for a family whose tower it does not describe: 0, see `formula`).
     Elementwise ops (norms, rope, SiLU, softmax, log-softmax) are not counted.
     """
     d, heads, _, dh, _, layers, vocab = _text_dims(size)
@@ -78,7 +88,7 @@ def step_flops(size: Size, tokens: int, attended_pairs: int, logit_rows: int, cr
     lora = 2 * tokens * sum(r * (i + o) for i, o in linears) * layers
     attention = 4 * attended_pairs * heads * dh * layers
     lm_head = 2 * logit_rows * d * vocab
-    vision = vision_forward_flops(size, crops)
+    vision = vision_forward_flops(size, crops) if crops is not None else 0.0
     parts = {
         "linear": 2 * base,
         "lora": 3 * lora,
@@ -116,6 +126,7 @@ def packed_work(pairs: list[EncodedPair], batch: dict) -> dict:
     }
 
 
-def work_flops(size: Size, work: dict, crops: int, r: int) -> dict:
-    """`step_flops` of a step described by `plain_work` or `packed_work`."""
-    return step_flops(size, work["tokens"], work["attended_pairs"], work["logit_rows"], crops * work["images"], r)
+def work_flops(size: Size, work: dict, crops: int | None, r: int) -> dict:
+    """`step_flops` of a step described by `plain_work` or `packed_work` (`crops` per image, None: not counted)."""
+    crops = crops * work["images"] if crops is not None else None
+    return step_flops(size, work["tokens"], work["attended_pairs"], work["logit_rows"], crops, r)

@@ -1,10 +1,12 @@
-"""Model geometry and inputs: the benchmark sizes, their random-weight LLaVA-NeXT models with LoRA, and seeded
-pairs whose images go through the real LLaVA-NeXT preprocessing, so token counts match a real run."""
+"""Model geometry and inputs: the random-weight model of a family's size (`families`) with LoRA, and seeded pairs
+whose images go through the family's real preprocessing, so token counts match a real run."""
 
 from __future__ import annotations
 
+import importlib
+import inspect
 import math
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -14,182 +16,50 @@ from vlm_orpo.modeling.families import family_for
 from vlm_orpo.modeling.load import lora_target_regex
 from vlm_orpo.modeling.shared_prefix import unwrap
 
+from .families import FAMILIES, Size
+
 LORA_R = 16  # alpha = 2r
-OPENAI_CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
-OPENAI_CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
-
-
-@dataclass(frozen=True)
-class Size:
-    description: str
-    text: dict
-    vision: dict
-    image_token_id: int
-    pinpoints: list
-    image_hw: tuple[int, int]  # (height, width) of every benchmark image
-    question_tokens: int  # text tokens of the prompt (BOS, [INST], question, [/INST]); image tokens come on top
-    answer_median: int
-    answer_sigma: float  # lognormal sigma of the answer lengths
-    answer_range: tuple[int, int]
-    default_pairs_per_step: tuple[int, ...] = (1,)
-
-
-_PINPOINTS_336 = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
-_MISTRAL_7B = dict(
-    vocab_size=32064,
-    hidden_size=4096,
-    intermediate_size=14336,
-    num_hidden_layers=32,
-    num_attention_heads=32,
-    num_key_value_heads=8,
-    head_dim=128,
-    max_position_embeddings=32768,
-    rms_norm_eps=1e-5,
-    rope_parameters={"rope_type": "default", "rope_theta": 1e6},
-    sliding_window=None,
-    tie_word_embeddings=False,
-)
-_CLIP_L_336 = dict(
-    hidden_size=1024,
-    intermediate_size=4096,
-    num_hidden_layers=24,
-    num_attention_heads=16,
-    image_size=336,
-    patch_size=14,
-    projection_dim=768,
-    hidden_act="quick_gelu",
-    layer_norm_eps=1e-5,
-)
-
-_SIZE_7B = Size(
-    description="llava-v1.6-mistral-7b architecture (Mistral-7B + CLIP ViT-L/14-336, anyres), random weights",
-    text=_MISTRAL_7B,
-    vision=_CLIP_L_336,
-    image_token_id=32000,
-    pinpoints=_PINPOINTS_336,
-    image_hw=(480, 640),
-    question_tokens=40,
-    answer_median=150,
-    answer_sigma=0.5,
-    answer_range=(16, 512),
-)
-
-SIZES = {
-    "7b": _SIZE_7B,
-    "small": Size(
-        description="LLaVA-NeXT structure scaled down for CPU (d=128, 2 layers, 2048 vocab; ViT 112px/14, 2 layers)",
-        text=dict(
-            _MISTRAL_7B,
-            vocab_size=2048,
-            hidden_size=128,
-            intermediate_size=448,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            head_dim=32,
-            max_position_embeddings=8192,
-        ),
-        vision=dict(
-            _CLIP_L_336,
-            hidden_size=64,
-            intermediate_size=256,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            image_size=112,
-            patch_size=14,
-            projection_dim=64,
-        ),
-        image_token_id=2000,
-        pinpoints=[[112, 224], [224, 112], [224, 224], [336, 112], [112, 336]],
-        image_hw=(160, 213),  # 640x480 scaled by 1/3: 2x2 grid + base image, unpadded like the 7b's
-        question_tokens=40,
-        answer_median=32,
-        answer_sigma=0.5,
-        answer_range=(8, 128),
-        default_pairs_per_step=(1, 4, 8),
-    ),
-    "7b-tiny": replace(
-        _SIZE_7B,
-        description="7b input geometry (640x480 -> 2340 image tokens, answers ~150) with tiny widths, for CPU checks",
-        text=dict(
-            _MISTRAL_7B,
-            vocab_size=512,
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            num_key_value_heads=1,
-            head_dim=32,
-        ),
-        vision=dict(_CLIP_L_336, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2),
-        image_token_id=500,
-    ),
-}
 
 
 def build_config(size: Size):
-    from transformers import CLIPVisionConfig, LlavaNextConfig, MistralConfig
+    """The family's transformers config from the size's keywords (text and vision configs by their model_type)."""
+    from transformers import AutoConfig
 
-    text = MistralConfig(bos_token_id=1, eos_token_id=2, pad_token_id=0, **size.text)
-    vision = CLIPVisionConfig(num_channels=3, **size.vision)
-    patches = size.vision["image_size"] // size.vision["patch_size"]
-    return LlavaNextConfig(
-        vision_config=vision,
-        text_config=text,
-        image_token_index=size.image_token_id,
-        image_grid_pinpoints=size.pinpoints,
-        vision_feature_layer=-2,
-        vision_feature_select_strategy="default",
-        projector_hidden_act="gelu",
-        tie_word_embeddings=False,
-        image_seq_length=patches * patches,
-    )
+    config = {**size.config, FAMILIES[size.family].image_token_key: size.image_token_id}
+    return AutoConfig.for_model(size.family, text_config=dict(size.text), vision_config=dict(size.vision), **config)
 
 
 def build_image_processor(size: Size):
-    """LLaVA-NeXT 1.6 preprocessing (llava-hf/llava-v1.6-mistral-7b-hf's preprocessor_config), scaled to the size."""
-    from transformers import LlavaNextImageProcessorPil
-    from transformers.image_utils import PILImageResampling
-
-    crop = size.vision["image_size"]
-    return LlavaNextImageProcessorPil(
-        size={"shortest_edge": crop},
-        crop_size={"height": crop, "width": crop},
-        image_grid_pinpoints=size.pinpoints,
-        resample=PILImageResampling.BICUBIC,
-        image_mean=OPENAI_CLIP_MEAN,
-        image_std=OPENAI_CLIP_STD,
-        do_resize=True,
-        do_center_crop=True,
-        do_rescale=True,
-        rescale_factor=1 / 255,
-        do_normalize=True,
-        do_convert_rgb=True,
-        do_pad=True,
-    )
+    """The family's own image preprocessing (PIL backend), with the size's settings."""
+    module, name = FAMILIES[size.family].image_processor.rsplit(".", 1)
+    return getattr(importlib.import_module(f"transformers.models.{module}"), name)(**size.processor)
 
 
 def build_model(size: Size, device: torch.device, dtype: torch.dtype, seed: int):
-    """Random-weight LLaVA-NeXT instantiated directly on `device` in `dtype` (a 7B never exists on the host)."""
-    from transformers import LlavaNextForConditionalGeneration
+    """Random-weight model instantiated directly on `device` in `dtype` (a 7B never exists on the host).
+
+    Weights that transformers starts at zero (Gemma 3's projector) get random values too, so that every image
+    moves the loss and the loss check would see an image merged in the wrong place."""
+    from transformers import AutoModelForImageTextToText
 
     torch.manual_seed(seed)
     with torch.device(device):
-        model = LlavaNextForConditionalGeneration._from_config(
-            build_config(size), dtype=dtype, attn_implementation="sdpa"
-        )
+        model = AutoModelForImageTextToText.from_config(build_config(size), dtype=dtype, attn_implementation="sdpa")
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2 and p.device.type != "meta" and not p.any():
+                p.normal_(std=0.02)
     return model
 
 
 def count_image_tokens(model, image_inputs: dict) -> int:
-    """Image tokens of one image by the model's own rule: the length of its packed image features."""
+    """Image tokens of one image by the model's own rule: how many feature vectors its vision path gives."""
     hf = unwrap(model)
+    inputs = {k: v.to(hf.device, hf.dtype) if v.is_floating_point() else v.to(hf.device)
+              for k, v in image_inputs.items()}
     with torch.no_grad():
-        features = hf.get_image_features(
-            pixel_values=image_inputs["pixel_values"].to(hf.device, hf.dtype),
-            image_sizes=image_inputs["image_sizes"].to(hf.device),
-        ).pooler_output
-    return int(features[0].shape[0])
+        features = hf.get_image_features(**inputs).pooler_output
+    return sum(f.numel() // f.shape[-1] for f in (features if isinstance(features, (list, tuple)) else [features]))
 
 
 def answer_length(size: Size, rng: np.random.Generator) -> int:
@@ -201,27 +71,34 @@ def make_pairs(model, size: Size, n: int, seed: int, rejected_per_prompt: int = 
     """`n` pairs, each with its own random-pixel image of `size.image_hw` and random token ids.
 
     Prompt: BOS, a few [INST] tokens, the image tokens, the rest of the question; answers (lognormal lengths,
-    chosen and rejected drawn independently) end in EOS. Pair i depends only on (seed, i); its rejected answers
+    chosen and rejected drawn independently) end in EOS. The image tokens are one run: a family's markers around
+    or between them (Qwen's vision start/end, Idefics3's row/column tokens, Pixtral's row breaks) are text tokens
+    that the model does not treat specially, left out. Pair i depends only on (seed, i); its rejected answers
     2..k are drawn after everything else, so `with_rejected` of these pairs at a smaller k gives the same pairs.
     """
     from PIL import Image
 
     processor = build_image_processor(size)
-    vocab, image_id = size.text["vocab_size"], size.image_token_id
+    vocab, image_id, reserved = size.text["vocab_size"], size.image_token_id, size.reserved_ids
+    token_inputs = FAMILIES[size.family].token_inputs
+    # what the model's forward takes by name: the family's processor drops the rest (Gemma 3's num_crops)
+    forward_keys = inspect.signature(unwrap(model).forward).parameters
     height, width = size.image_hw
     n_image = None
     pairs = []
     for i in range(n):
         rng = np.random.default_rng([seed, i])
 
-        def tokens(k):  # ordinary text ids: not BOS/EOS/PAD, not the image token
-            ids = rng.integers(3, vocab - 1, size=k)
-            return np.where(ids >= image_id, ids + 1, ids).tolist()
+        def tokens(k):  # ordinary text ids: not BOS/EOS/PAD, not the image token nor another special one
+            ids = rng.integers(3, vocab - len(reserved), size=k)
+            for special in reserved:  # ascending: each shift moves the ids past one reserved id
+                ids = np.where(ids >= special, ids + 1, ids)
+            return ids.tolist()
 
         chosen_len, rejected_len = answer_length(size, rng), answer_length(size, rng)
         pixels = rng.integers(0, 256, size=(height, width, 3), dtype=np.uint8)
-        inputs = processor(images=[Image.fromarray(pixels)], return_tensors="pt")
-        image_inputs = {"pixel_values": inputs["pixel_values"], "image_sizes": inputs["image_sizes"]}
+        outputs = processor(images=[Image.fromarray(pixels)], return_tensors="pt")
+        image_inputs = {k: v for k, v in outputs.items() if k in forward_keys}
         if n_image is None:  # all images have one size, so one count
             n_image = count_image_tokens(model, image_inputs)
         head = 4
@@ -233,6 +110,7 @@ def make_pairs(model, size: Size, n: int, seed: int, rejected_per_prompt: int = 
                 chosen_ids=[*tokens(chosen_len - 1), 2],
                 rejected_ids=[*tokens(rejected_len - 1), 2],
                 image_inputs=image_inputs,
+                prompt_token_inputs={key: (torch.tensor([prompt]) == image_id).long() for key in token_inputs},
                 more_rejected_ids=[[*tokens(answer_length(size, rng) - 1), 2] for _ in range(rejected_per_prompt - 1)],
             )
         )
@@ -263,10 +141,13 @@ def attach_lora(model, r: int = LORA_R, adapter_dtype: str = "fp32"):
     return get_peft_model(model, config, autocast_adapter_dtype=adapter_dtype == "fp32")
 
 
-def crops_per_image(size: Size, image_inputs: dict) -> int:
-    """Vision-tower crops of one image (anyres grid + base image): what the vision FLOPs scale with."""
+def crops_per_image(size: Size, image_inputs: dict) -> int | None:
+    """Vision-tower crops of one LLaVA-NeXT image (anyres grid + base image): what its vision FLOPs scale with;
+    None for the other families, whose vision FLOPs the formula does not count."""
+    if not FAMILIES[size.family].clip_vision:
+        return None
     from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 
     return image_size_to_num_patches(
-        image_inputs["image_sizes"][0].tolist(), size.pinpoints, size.vision["image_size"]
+        image_inputs["image_sizes"][0].tolist(), size.config["image_grid_pinpoints"], size.vision["image_size"]
     )

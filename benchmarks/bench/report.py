@@ -26,7 +26,7 @@ class Report:
         self.path, self.dtype, self.baseline = path, dtype, baseline
         config = header["config"]
         # plain medians of --baseline for speed-ups; its plain loss values join the loss check (same seed, size)
-        self.medians, self.reference = load_baseline(baseline, config["seed"], config["size"])
+        self.medians, self.reference = load_baseline(baseline, config["seed"], config["size"], config["family"])
         self.values: dict[str, tuple] = {}  # loss values of the variants, by name
         self.profiles: dict[str, dict] = {}
         self.failed = False  # a variant raised something other than out of memory
@@ -148,13 +148,15 @@ def add_speedups(results: dict, baseline: dict, baseline_name: str | None):
         r["speedup_ref"] = ("this run" if here else baseline_name) if r["speedup_vs_plain"] else None
 
 
-def load_baseline(path: str | None, seed: int, size: str) -> tuple[dict, dict]:
+def load_baseline(path: str | None, seed: int, size: str, family: str) -> tuple[dict, dict]:
     """From a --baseline file: plain medians by (pairs/step, rejected/prompt, grad ckpt), and plain's loss values
-    by name for the loss check (only when that run used the same size and seed, i.e. the same weights and pairs)."""
+    by name for the loss check (only when that run used the same family, size and seed, i.e. the same weights and
+    pairs)."""
     medians, reference = {}, {}
     if path:
         rep = json.loads(Path(path).read_text())
-        same_inputs = rep["config"].get("seed", 0) == seed and rep["config"].get("size") == size
+        c = rep["config"]
+        same_inputs = (c.get("seed", 0), c.get("size"), _family(rep)) == (seed, size, family)
         for name, v in rep["variants"].items():
             if v.get("base") != "plain" or not v.get("median_s"):
                 continue
@@ -212,7 +214,8 @@ def _fmt(v, spec, none="-"):
 
 def format_table(report: dict) -> str:
     dev = report["device"]
-    head = (f"{report['config']['size']} on {dev.get('name')} ({dev['type']}), {report['config']['dtype']}, "
+    head = (f"{_family(report)} {report['config']['size']} on {dev.get('name')} ({dev['type']}), "
+            f"{report['config']['dtype']}, "
             f"grad_ckpt={report['config']['grad_checkpointing']}, compile={report['config']['compile']}, "
             f"{report['config']['steps']} timed steps")
     cols = ["variant", "pairs/step", "rejected/prompt", "median s", "pairs/s", "tokens/s", "tokens/step", "MFU",
@@ -240,6 +243,11 @@ def format_table(report: dict) -> str:
     return "\n".join(lines)
 
 
+def _family(rep: dict) -> str:
+    """A report's family (files from before --family are LLaVA-NeXT)."""
+    return rep["config"].get("family", "llava_next")
+
+
 def _entry_gc(rep: dict, v: dict) -> bool:
     """Whether an entry ran with grad ckpt (older files recorded it only in the config)."""
     return bool(v.get("grad_checkpointing", rep["config"].get("grad_checkpointing") in (True, "on")))
@@ -255,30 +263,34 @@ def summarize(paths: list[str]) -> str:
     reports = []
     for p in paths:
         try:
-            reports.append((p, json.loads(Path(p).read_text())))
+            rep = json.loads(Path(p).read_text())
         except (OSError, json.JSONDecodeError) as exc:
             print(f"skipping {p}: {exc}", file=sys.stderr)
+            continue
+        # a --family run of several families holds one report per family
+        reports += [(f"{p}:{f}", r) for f, r in rep["families"].items()] if "families" in rep else [(p, rep)]
     eager_plain = {}
     for _, rep in reports:
         if rep["config"].get("compile"):
             continue
         for v in rep["variants"].values():
             if v.get("base") == "plain" and v.get("median_s"):
-                key = (rep["device"].get("name"), rep["config"]["size"], *entry_group(v), _entry_gc(rep, v))
+                key = (rep["device"].get("name"), _family(rep), rep["config"]["size"], *entry_group(v),
+                       _entry_gc(rep, v))
                 eager_plain[key] = v
-    cols = ["file", "variant", "pairs/step", "rejected/prompt", "grad ckpt", "compile", "median s", "pairs/s", "MFU",
-            "peak GiB",
-            "loss", "vs eager plain", "mem vs eager plain"]
+    cols = ["file", "family", "variant", "pairs/step", "rejected/prompt", "grad ckpt", "compile", "median s",
+            "pairs/s", "MFU", "peak GiB", "loss", "vs eager plain", "mem vs eager plain"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
     for path, rep in reports:
         c = rep["config"]
         for name, v in rep["variants"].items():
             gc_on = _entry_gc(rep, v)
-            ref = eager_plain.get((rep["device"].get("name"), c["size"], *entry_group(v), gc_on))
+            ref = eager_plain.get((rep["device"].get("name"), _family(rep), c["size"], *entry_group(v), gc_on))
             speed = ref["median_s"] / v["median_s"] if ref and v.get("median_s") else None
             mem = v["peak_gib"] / ref["peak_gib"] if ref and v.get("peak_gib") and ref.get("peak_gib") else None
             lines.append("| " + " | ".join([
-                Path(path).name, name, *map(str, entry_group(v)), "on" if gc_on else "off", str(c["compile"]),
+                Path(path).name, _family(rep), name, *map(str, entry_group(v)), "on" if gc_on else "off",
+                str(c["compile"]),
                 "skipped: " + v["skipped"][:60] if v.get("skipped") else _fmt(v["median_s"], ".4f"),
                 _fmt(v.get("pairs_per_s"), ".2f"), _fmt(v.get("mfu"), ".1%"), _fmt(v.get("peak_gib"), ".1f"),
                 _fmt(v.get("loss"), ".4f"), (_fmt(speed, ".2f") + "x") if speed else "-",
@@ -295,3 +307,28 @@ def summarize(paths: list[str]) -> str:
     if incomplete:
         head.append("incomplete runs (cut short): " + ", ".join(incomplete))
     return "\n".join([*head, "", *lines])
+
+
+def family_table(combined: dict) -> str:
+    """One markdown row per family and (pairs/step, rejected/prompt, grad ckpt) of a several-family run: the median
+    step of plain and of each packed variant that ran, tokens per step, and plain's time over packed's."""
+    packed = ("packed_sdpa", "packed_pairs", "packed_flex")
+    cols = ["family", "pairs/step", "image tokens", "tokens/step plain / packed", "plain s", "packed s", "vs plain",
+            "losses"]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
+    for family, rep in combined["families"].items():
+        groups: dict[tuple, dict[str, dict]] = {}
+        for v in rep["variants"].values():
+            groups.setdefault((*entry_group(v), _entry_gc(rep, v)), {})[v["base"]] = v
+        for (n, k, gc_on), by_base in groups.items():
+            plain = by_base.get("plain", {}).get("median_s")
+            ran = [b for b in packed if by_base.get(b, {}).get("median_s")]
+            tokens = dict.fromkeys(by_base[b]["tokens_per_step"] for b in ("plain", *ran) if b in by_base)
+            lines.append("| " + " | ".join([
+                family, f"{n}" + (f", {k} rejected" if k > 1 else "") + (", grad ckpt" if gc_on else ""),
+                str(rep["config"]["image_tokens"]), " / ".join(map(str, tokens)), _fmt(plain, ".4f"),
+                " / ".join(f"{by_base[b]['median_s']:.4f} ({b.removeprefix('packed_')})" for b in ran),
+                " / ".join(f"{plain / by_base[b]['median_s']:.2f}x" for b in ran) if plain else "-",
+                "agree" if rep["loss_check"]["ok"] else "MISMATCH",
+            ]) + " |")
+    return "\n".join(lines)

@@ -42,6 +42,11 @@ class Variant:
         return self.n_pairs, self.rejected_per_prompt
 
 
+def backend_of(base: str) -> str:
+    """The attention backend a base variant runs under: plain's sequences take SDPA's own causal mask."""
+    return "sdpa" if base == "plain" else base.removeprefix("packed_")
+
+
 @dataclass
 class Step:
     """A variant's inputs, on the device: `compute()` runs the forward and returns its PairLogps; `reference()`
@@ -73,14 +78,14 @@ def prepare_step(model, base: str, pairs: list[EncodedPair], device, dtype, pad_
     every step ("live", as TRL's policy + reference forwards), or once here ("precomputed")."""
     if base == "plain":
         batch = to_device(PlainCollator(pad_id, image_id, keep_all_logits=True)(pairs), device, dtype)
-        step = Step(lambda: plain_logps(model, batch), plain_work(pairs), "sdpa", LOSSES["orpo"])
+        step = Step(lambda: plain_logps(model, batch), plain_work(pairs), backend_of(base), LOSSES["orpo"])
     else:
         collator = PackedCollator(pad_id, image_id, max_tokens_per_row=sum(len(p) for p in pairs))
         batch = collator(pairs)
         assert batch["input_ids"].shape[0] == 1, "all pairs of a step must share one row"
         work = packed_work(pairs, batch)
         batch = to_device(batch, device, dtype)
-        step = Step(lambda: packed_logps(model, batch), work, base.removeprefix("packed_"), LOSSES["orpo"])
+        step = Step(lambda: packed_logps(model, batch), work, backend_of(base), LOSSES["orpo"])
     if reference == "none":
         return step
     live = lambda: AdapterDisabled(model).logps(model, batch)  # noqa: E731 - pair_logps reads the batch's layout

@@ -82,6 +82,9 @@ def mrope_position_ids(model, batch: dict) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class QwenVLFamily(ModelFamily):
+    # transformers 5.17's Qwen-VL text models refuse flex_attention, so `auto` on CUDA must not pick it
+    backends: tuple[str, ...] = ("pairs", "sdpa")
+
     def position_ids(self, model, batch: dict) -> torch.Tensor:
         return mrope_position_ids(model, batch)
 
