@@ -7,10 +7,8 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -18,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import QUICKSTART, ROOT
-from test_train_e2e import cli, largest_difference, records
+from test_train_e2e import cli, kill_when_written, largest_difference, records
 
 pytestmark = pytest.mark.slow
 
@@ -99,13 +97,7 @@ def test_fsdp_lora_follows_one_process_and_resumes_after_sigkill_and_merges(one_
     killed = tmp_path / "killed"
     proc = subprocess.Popen(train_command(accelerate_fsdp(29535), killed, *checkpoints), env=ENV,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.time() + 600
-    while not (killed / "checkpoint-2").exists():
-        assert proc.poll() is None, "the run ended before it could be killed"
-        assert time.time() < deadline
-        time.sleep(0.1)
-    os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both workers
-    proc.wait()
+    kill_when_written(proc, killed / "checkpoint-2")  # the launcher and both workers
     assert not (killed / "final").exists(), "the kill must land mid-training"
     launch(train_command(accelerate_fsdp(29536), killed, *checkpoints, "--resume"))
 

@@ -89,6 +89,20 @@ def largest_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -
     return max((a[key] - b[key]).abs().max().item() for key in a)
 
 
+def kill_when_written(proc: subprocess.Popen, path: Path) -> None:
+    """SIGKILL `proc` (its whole process group when it leads one: a launcher and its workers) once `path` exists."""
+    deadline = time.time() + 600
+    while not path.exists():
+        assert proc.poll() is None, "the run ended before it could be killed"
+        assert time.time() < deadline
+        time.sleep(0.1)
+    if os.getpgid(proc.pid) == proc.pid:
+        os.killpg(proc.pid, signal.SIGKILL)
+    else:
+        proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+
 def test_resume_after_sigkill_matches_uninterrupted_run(asset_cache, tmp_path):
     env = dict(os.environ)
     straight = tmp_path / "straight"
@@ -97,13 +111,7 @@ def test_resume_after_sigkill_matches_uninterrupted_run(asset_cache, tmp_path):
     killed = tmp_path / "killed"
     proc = subprocess.Popen([sys.executable, "-m", "vlm_orpo.cli", *small_run_args(killed)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
-    deadline = time.time() + 600
-    while not (killed / "checkpoint-8").exists():
-        assert proc.poll() is None, "the run ended before it could be killed"
-        assert time.time() < deadline
-        time.sleep(0.2)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_when_written(proc, killed / "checkpoint-8")
     assert not (killed / "final").exists(), "the kill must land mid-training"
     for checkpoint in killed.glob("checkpoint-*"):  # renamed into place only when complete
         assert (checkpoint / "trainer_state.json").exists() and (checkpoint / "optimizer.pt").exists()
