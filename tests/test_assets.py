@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from vlm_orpo.assets import cache_root, ensure_assets, score_answer
+from vlm_orpo.assets import ASSETS_VERSION, cache_root, ensure_assets, score_answer
 from vlm_orpo.assets.atomic import atomic_dir
 from vlm_orpo.assets.synthetic import (
     COLOURS,
@@ -105,10 +105,10 @@ def test_ensure_assets_layout_and_idempotent(assets, cache_dir):
     for key in ("tiny_model", "train", "validation"):
         p = Path(assets[key])
         assert p.is_absolute() and p.exists(), p
-        assert p.is_relative_to(cache_dir / "assets-v2")
+        assert p.is_relative_to(cache_dir / ASSETS_VERSION)
     assert assets["_build_seconds"] < 60, assets["_build_seconds"]
     # No leftover temp dirs from the atomic build.
-    assert sorted(p.name for p in (cache_dir / "assets-v2").iterdir()) == ["synthetic", "tiny-llava-next"]
+    assert sorted(p.name for p in (cache_dir / ASSETS_VERSION).iterdir()) == ["synthetic", "tiny-llava-next"]
 
     mtime = (Path(assets["tiny_model"]) / "model.safetensors").stat().st_mtime_ns
     t0 = time.perf_counter()
@@ -125,19 +125,19 @@ def test_ensure_assets_waits_for_lock(tmp_path):
     from vlm_orpo.assets import _file_lock
 
     result = {}
-    with _file_lock(tmp_path / "assets-v2.lock"):
+    with _file_lock(tmp_path / f"{ASSETS_VERSION}.lock"):
         worker = threading.Thread(target=lambda: result.update(ensure_assets(tmp_path)))
         worker.start()
         worker.join(timeout=1.0)
         assert worker.is_alive(), "ensure_assets did not wait for the lock"
-        assert not (tmp_path / "assets-v2").exists()
+        assert not (tmp_path / ASSETS_VERSION).exists()
     worker.join(timeout=120)
     assert not worker.is_alive()
     assert Path(result["tiny_model"], "model.safetensors").is_file() and Path(result["train"]).is_file()
 
 
 def test_ensure_assets_removes_stale_temp_dirs_and_rebuilds_missing(tmp_path):
-    base = tmp_path / "assets-v2"
+    base = tmp_path / ASSETS_VERSION
     stale = base / ".tiny-llava-next.tmp-dead"
     stale.mkdir(parents=True)
     (stale / "model.safetensors").write_bytes(b"half")
@@ -179,7 +179,7 @@ def test_ensure_assets_concurrent_processes(tmp_path):
     results = [json.loads(out.strip().splitlines()[-1]) for out, _ in outs]
     assert results[0] == results[1]
     assert Path(results[0]["tiny_model"], "model.safetensors").is_file()
-    assert sorted(p.name for p in (tmp_path / "assets-v2").iterdir()) == ["synthetic", "tiny-llava-next"]
+    assert sorted(p.name for p in (tmp_path / ASSETS_VERSION).iterdir()) == ["synthetic", "tiny-llava-next"]
 
 
 # --------------------------------------------------------------------------- tiny model

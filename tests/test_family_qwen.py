@@ -12,6 +12,7 @@ from PIL import Image
 
 import vlm_orpo.modeling.families.qwen2_vl as qwen_family  # makes Qwen-VL processors load without torchvision
 from equivalence import assert_equivalent, rel_err, with_rejected
+from vlm_orpo.assets import tiny_qwen
 from vlm_orpo.data.packing import EncodedPair, PackedCollator, PairEncoder, PlainCollator
 from vlm_orpo.modeling.families import ModelFamily, family_for
 from vlm_orpo.modeling.shared_prefix import packed_logps, set_attention_backend
@@ -20,7 +21,7 @@ FAMILIES = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"]
 BACKENDS = ["sdpa", "pairs"]
 LAYOUTS = {  # id: (max_tokens_per_row, gradient_checkpointing, rows for the 4 pairs)
     "pair-per-row": (None, False, 4),
-    "padded-rows-grad-ckpt": (120, True, 3),
+    "padded-rows-grad-ckpt": (160, True, 3),
     "one-row": (4000, False, 1),
 }
 
@@ -268,7 +269,7 @@ def test_tiny_model_and_processor(tiny):
     pair = tiny.pairs[0]
     t, h, w = pair.image_inputs["image_grid_thw"][0].tolist()
     assert pair.prompt_ids.count(tiny.image_id) == t * h * w // 4  # one token per 2x2 merged patches
-    assert h * w * 8 * 8 <= 96 * 96  # resized to at most 96x96 pixels: patches of 8 pixels
+    assert h * w * 8 * 8 <= tiny_qwen.MAX_PIXELS  # resized to at most MAX_PIXELS pixels: patches of 8 pixels
     assert pair.chosen_ids[-1] == pair.rejected_ids[-1] == tokenizer.eos_token_id
     assert tokenizer.decode(pair.chosen_ids) == tiny.train.rows[0]["chosen"] + "<|im_end|>"
     # an answer that says a control token's text keeps it as text
