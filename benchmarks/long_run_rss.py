@@ -27,9 +27,12 @@ ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = ROOT / "configs" / "quickstart.yaml"
 
 
-def watch(command: list[str], metrics: Path, every: int) -> list[dict]:
-    """Run `command`; one RSS sample (MiB, the process and its children) per new training log record."""
-    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+def watch(command: list[str], metrics: Path, every: int, log: Path) -> list[dict]:
+    """Run `command`; one RSS sample (MiB, the process and its children) per new training log record.
+
+    Its output goes to a file: a pipe nobody reads fills up with the progress bar and blocks the run."""
+    with log.open("w") as out:
+        proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
     watched = psutil.Process(proc.pid)
     samples, seen, start = [], 0, time.perf_counter()
     while proc.poll() is None:
@@ -47,7 +50,7 @@ def watch(command: list[str], metrics: Path, every: int) -> list[dict]:
                 print(f"step {record['step']:5d}  RSS {samples[-1]['rss_mib']:8.1f} MiB", flush=True)
         seen = len(lines) if not lines or lines[-1].endswith("}") else len(lines) - 1
     if proc.returncode:
-        sys.exit(f"training failed (exit {proc.returncode}): {proc.stderr.read()[-2000:]}")
+        sys.exit(f"training failed (exit {proc.returncode}): {log.read_text()[-2000:]}")
     return samples
 
 
@@ -79,7 +82,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=2000)
     parser.add_argument("--every", type=int, default=100, help="sample RSS every this many steps")
-    parser.add_argument("--batch", type=int, default=4, help="pairs per step")
+    parser.add_argument("--batch", type=int, default=1, help="pairs per step (a leak grows per step, not per pair)")
     parser.add_argument("--settled", type=int, default=600,
                         help="fit the growth from this step on (default: past the first evaluation and checkpoint)")
     parser.add_argument("--json", type=Path, help="write the samples here")
@@ -92,7 +95,7 @@ def main() -> None:
                    f"training.output_dir={run}", f"training.max_steps={args.steps}",
                    f"training.per_device_train_batch_size={args.batch}", f"training.logging_steps={args.every}",
                    "training.eval_steps=500", "training.save_steps=500", "training.warmup_steps=50"]
-        samples = watch(command, run / "metrics.jsonl", args.every)
+        samples = watch(command, run / "metrics.jsonl", args.every, Path(tmp) / "train.log")
     settled = args.settled
     slope = growth_per_1000_steps(samples, settled)
     result = {
