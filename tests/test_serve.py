@@ -517,7 +517,14 @@ def test_vllm_serves_a_merged_qwen2_5_vl_like_transformers(serve_python, asset_c
     tokens of its dynamic resolution) and same greedy tokens and log-probs as transformers."""
     merged = train_and_merge(tmp_path_factory, "bundled:qwen2_5_vl", "tiny-qwen2-5-vl-orpo")[1]
     expected = greedy_answer(merged, sample)
-    assert expected["prompt_ids"].count(json.loads((merged / "config.json").read_text())["image_token_id"]) == 36
+    from PIL import Image
+
+    from vlm_orpo.assets.tiny_qwen import MERGE_SIZE, PATCH_SIZE
+
+    width, height = Image.open(io.BytesIO(sample[0])).size  # within the tiny processor's max_pixels: not resized
+    merged_patches = (width // (PATCH_SIZE * MERGE_SIZE)) * (height // (PATCH_SIZE * MERGE_SIZE))
+    image_token = json.loads((merged / "config.json").read_text())["image_token_id"]
+    assert expected["prompt_ids"].count(image_token) == merged_patches
     workdir = tmp_path_factory.mktemp("serve-qwen")
     server = Server(merged, workdir, "--dtype", "float32")
     try:
