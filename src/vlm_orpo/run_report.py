@@ -25,9 +25,10 @@ REPORT = "report.html"
 CONFIG = "config.yaml"
 EVAL_FILES = ("results.md", "generations.html")  # a folder of the run holding one of these is evaluate's --out
 
+POLICY = """<meta http-equiv="Content-Security-Policy" content="default-src 'none'; img-src data:; style-src 'unsafe-inline'">"""
 PAGE = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8">
-<meta http-equiv="Content-Security-Policy" content="default-src 'none'; img-src data:; style-src 'unsafe-inline'">
+{policy}
 <title>vlm-orpo run report: {name}</title>
 <style>
 body {{ font: 15px/1.45 system-ui, sans-serif; margin: 2em auto; max-width: 1200px; padding: 0 1em; color: #222 }}
@@ -65,7 +66,7 @@ def write_report(run_dir: str | Path, eval_dir: str | Path | None = None) -> Pat
         sections.append(("Run facts (model card)", markdown(card)))
     if (run / CONFIG).is_file():
         sections.append((f"Config ({CONFIG})", f"<pre>{html.escape(_read(run / CONFIG))}</pre>"))
-    text = PAGE.format(name=html.escape(run.resolve().name), path=html.escape(str(run.resolve())),
+    text = PAGE.format(policy=POLICY, name=html.escape(run.resolve().name), path=html.escape(str(run.resolve())),
                        sections="\n".join(f"<h2>{html.escape(t)}</h2>\n{s}" for t, s in sections))
     path = run / REPORT
     path.write_text(text, encoding="utf-8")
@@ -152,7 +153,9 @@ def _evaluation(folder: Path) -> str:
     if (folder / "results.png").is_file():
         parts.append(_img(folder / "results.png"))
     if (folder / "generations.html").is_file():
-        page = _read(folder / "generations.html")
+        # the frame's document carries the policy from its first byte, not only by inheritance from this page
+        # (a test once saw Chromium attempt the frame's remote image under load)
+        page = POLICY + _read(folder / "generations.html")
         parts.append(f"<h3>Greedy generations, side by side</h3><iframe sandbox title='generations' "
                      f"srcdoc=\"{html.escape(page, quote=True)}\"></iframe>")
     return "\n".join(parts) or _note(f"nothing of evaluate's in {folder}")
