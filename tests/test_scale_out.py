@@ -154,3 +154,20 @@ def test_two_machines_follow_one_process(one_process, tmp_path):
         second.kill()
     assert second.returncode == 0, err[-3000:]
     assert_same_curve(one_process("lora"), losses(run))
+
+
+def test_a_stream_gives_each_process_its_part_and_resumes_each(tmp_path):
+    """`data.streaming` under torchrun: each process reads its own part of the stream (none waits for the other),
+    writes its position into every checkpoint, and resumes from it."""
+    streamed = ["data.streaming=true", "data.eval_limit=8", "training.save_strategy=steps", "training.save_steps=2",
+                "training.save_total_limit=null", "training.eval_strategy=no"]
+    run = tmp_path / "streamed"
+    result = launch(train_command(torchrun(29540), run, *streamed))
+    assert f"train {2 * 4 * STEPS} (streamed:" in result.stdout  # both processes' pairs, counted on process 0
+    for rank in (0, 1):
+        assert (run / "checkpoint-2" / f"stream_state-rank{rank}.json").is_file()
+    resumed = tmp_path / "resumed"
+    shutil.copytree(run / "checkpoint-2", resumed / "checkpoint-2")
+    result = launch(train_command(torchrun(29541), resumed, *streamed, "--resume"))
+    assert f"train {2 * 4 * STEPS} (streamed:" in result.stdout
+    assert_resumed_like_straight(run, resumed, "adapter_model.safetensors")

@@ -70,6 +70,8 @@ class DataConfig:
     eval_limit: int | None = None  # score at most this many validation pairs
     max_image_pixels: int = MAX_IMAGE_PIXELS  # larger images are skipped (counted), never decoded
     num_proc: int | None = None  # processes that validate rows (default: the cores); the outcome is cached
+    streaming: bool = False  # read the data as a stream, never downloaded whole (data/streaming.py); needs max_steps
+    shuffle_buffer: int = 1000  # rows shuffled together when streaming; 0 = stream order
 
     def __post_init__(self):
         _check(0 < self.subset_fraction <= 1, f"data.subset_fraction must be in (0, 1], got {self.subset_fraction}")
@@ -78,6 +80,10 @@ class DataConfig:
                      "num_proc"):
             value = getattr(self, name)
             _check(value is None or value > 0, f"data.{name} must be positive, got {value}")
+        _check(self.shuffle_buffer >= 0, f"data.shuffle_buffer must be 0 or more, got {self.shuffle_buffer}")
+        _check(not self.streaming or self.eval_limit is not None or not (self.validation_split or
+                                                                       self.validation_fraction),
+               "data.streaming reads the held-out pairs once, into memory: set data.eval_limit (e.g. 500)")
 
 
 FORWARD_MODES = ("auto", "packed", "plain")

@@ -34,6 +34,7 @@ from vlm_orpo.config import (
     load_config,
 )
 from vlm_orpo.data.packing import PairEncoder, PlainCollator, load_pairs
+from vlm_orpo.data.streaming import StreamedPairs, add_to_report, check_streaming, describe_stream
 from vlm_orpo.errors import RunStopped, first_line
 from vlm_orpo.launch_check import check_accelerate_config
 from vlm_orpo.modeling.forward import pair_collator, resolve_forward_mode
@@ -93,6 +94,7 @@ def training_arguments(cfg: RunConfig) -> PreferenceTrainingArguments:
     if args.gradient_checkpointing and args.gradient_checkpointing_kwargs is None:
         args.gradient_checkpointing_kwargs = {"use_reentrant": False}  # LoRA with a frozen embedding needs this
     args.dataloader_pin_memory = args.dataloader_pin_memory and args.device.type == "cuda"
+    check_streaming(cfg, args)
     return args
 
 
@@ -102,7 +104,8 @@ def build_trainer(cfg: RunConfig, args: PreferenceTrainingArguments):
     processor = load_processor(cfg.model)
     family = model_family(cfg.model)
     encoder = PairEncoder(processor, cfg.data.max_answer_tokens, cfg.data.max_prompt_tokens)
-    train_set, eval_set, report = load_pairs(cfg.data, encoder, limit=cfg.data.eval_limit)
+    train_set, eval_set, report = load_pairs(cfg.data, encoder, limit=cfg.data.eval_limit,
+                                             process_index=args.process_index, num_processes=args.world_size)
     if train_set is None:
         raise ConfigError(f"no usable training pairs in {cfg.data.source!r} ({report.summary()})")
     model = load_base_model(cfg.model, args.device, quantize_4bit=cfg.lora.method == "qlora")
@@ -145,9 +148,12 @@ def plan(cfg: RunConfig, args, trainer: PreferenceTrainer | None = None, report=
         lines.append(f"trainable parameters: {trainable:,} of {total:,} ({trainable / total:.2%})")
         lines.append("forward: plain, two sequences per pair" if isinstance(trainer.data_collator, PlainCollator)
                      else f"forward: packed shared prefix, attention backend {attention_backend(trainer.model)}")
-        lines.append(f"train pairs: {len(trainer.train_dataset)}")
+        train_set = trainer.train_dataset
+        lines.append(f"train pairs: {train_set.describe() if isinstance(train_set, StreamedPairs) else len(train_set)}")
         eval_n = len(trainer.eval_dataset) if trainer.eval_dataset is not None else 0
         lines.append(f"validation pairs: {eval_n}")
+    elif cfg.data.streaming:
+        lines.append(f"train pairs: {describe_stream(cfg.data.shuffle_buffer)}")
     if report is not None:
         lines.append(report.summary())
     lines.append(
@@ -206,6 +212,8 @@ def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False) -> Path
         if main_process:
             print(plan(cfg, trainer.args, trainer, report), flush=True)
         with stopped_cleanly(trainer, run):
+            if checkpoint is not None:
+                trainer.resume_stream(checkpoint)
             if checkpoint is not None and run.completed(checkpoint):
                 # transformers 5.17 trains one step past max_steps when resumed from the last step's checkpoint
                 trainer.state = TrainerState.load_from_json(str(checkpoint / TRAINER_STATE_NAME))
@@ -216,6 +224,7 @@ def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False) -> Path
                 # once the engine has wrapped the model: under FSDP the ranks hold the loaded weights only then
                 trainer.args.eval_on_start = trainer.eval_dataset is not None and checkpoint is None
                 trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+            add_to_report(report, cfg.data.train_split, trainer.stream_totals())
             if trainer.eval_dataset is not None and trainer.evaluated_at_step != trainer.state.global_step:
                 trainer.evaluate()  # Trainer evaluates at the last step itself when eval_strategy is steps
             trainer.save_model_atomically(FINAL, "run.json", {"step": trainer.state.global_step})
@@ -300,6 +309,7 @@ def dry_run(cfg: RunConfig, accelerate_config: str | None = None) -> str:
     if not on_gpu:
         notes.append("no GPU here: the training arguments were checked as if on CPU (bf16/qlora runs need a GPU)")
     args = cfg.training_args(**({} if on_gpu else {"use_cpu": True}))  # builds and checks every training value
+    check_streaming(cfg, args)
     take_trackers(args)
     source = cfg.data.source
     path = local_source_path(source) if source != BUNDLED else None

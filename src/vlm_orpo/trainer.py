@@ -25,6 +25,7 @@ from transformers.training_args import ParallelMode
 
 from vlm_orpo.cards import CardFacts, write_training_card
 from vlm_orpo.config import LossConfig
+from vlm_orpo.data.streaming import StreamedPairs, StreamProgress
 from vlm_orpo.errors import RunStopped
 from vlm_orpo.fsdp import configure_fsdp
 from vlm_orpo.losses import pair_losses
@@ -52,6 +53,53 @@ class PreferenceTrainer(Trainer):
         self._last_log_time = time.perf_counter()
         self.evaluated_at_step: int | None = None
         self.card_facts: CardFacts | None = None  # set by train.py: every saved adapter then gets a model card
+        self.stream_progress = None
+        if isinstance(self.train_dataset, StreamedPairs):
+            self.args.ignore_data_skip = True  # a resumed stream starts at its saved position, not by replaying
+            self.stream_progress = StreamProgress({"processes": self.args.world_size,
+                                                   "workers": self.args.dataloader_num_workers})
+
+    def get_train_dataloader(self):
+        """A stream's dataloader is left out of `accelerator.prepare`: accelerate would either have every process
+        read the whole stream and keep every n-th batch, or have process 0 read all batches and send them, which
+        it cannot do with our batches' non-tensor fields. Each process reads its own part instead (`StreamedPairs`)
+        and Trainer moves the batches to the device."""
+        if not isinstance(self.train_dataset, StreamedPairs):
+            return super().get_train_dataloader()
+        args = self.args
+        workers = args.dataloader_num_workers
+        return torch.utils.data.DataLoader(
+            self.train_dataset, batch_size=args.per_device_train_batch_size, collate_fn=self.data_collator,
+            num_workers=workers, pin_memory=args.dataloader_pin_memory,
+            prefetch_factor=args.dataloader_prefetch_factor if workers else None,
+        )
+
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        """transformers maps a multi-process run's optimizer state to `args.device`, which accelerate makes
+        `cpu:0` for CPU processes: a location torch.load cannot restore, so resuming CPU DDP died. Map it to
+        "cpu" (a private Trainer method: test_scale_out's streamed DDP resume pins it)."""
+        device = self.args.device
+        if checkpoint is None or device.type != "cpu" or device.index is None:
+            return super()._load_optimizer_and_scheduler(checkpoint)
+        self.args.__dict__["_setup_devices"] = torch.device("cpu")  # the cached value behind args.device
+        try:
+            return super()._load_optimizer_and_scheduler(checkpoint)
+        finally:
+            self.args.__dict__["_setup_devices"] = device
+
+    def resume_stream(self, checkpoint: Path) -> None:
+        """Start each reader of the training stream where it was at `checkpoint` (data.streaming)."""
+        if self.stream_progress is not None:
+            self.train_dataset.start = self.stream_progress.load(checkpoint, self.args.process_index)
+
+    def stream_totals(self) -> list[dict]:
+        """Every process's stream counts (rows read, kept, skipped), for the run's report; [] without a stream."""
+        if self.stream_progress is None:
+            return []
+        from accelerate.utils import gather_object
+
+        totals = [self.stream_progress.totals()]
+        return gather_object(totals) if self.args.world_size > 1 else totals
 
     def create_accelerator_and_postprocess(self) -> None:
         super().create_accelerator_and_postprocess()
@@ -80,6 +128,8 @@ class PreferenceTrainer(Trainer):
             for name, value in metrics.items():
                 self._train_metrics[name].append(value.mean().item())
             self._pairs_since_log += int(inputs["segment_tokens"].shape[0])
+            if self.stream_progress is not None:
+                self.stream_progress.record(inputs["stream_states"])
         return (loss, {"loss": loss}) if return_outputs else loss
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
@@ -161,12 +211,14 @@ class PreferenceTrainer(Trainer):
         run_dir = self._get_output_dir(trial=trial)
         staging = os.path.join(run_dir, ".staging")
         self._get_output_dir = lambda trial=None: staging
+        name = f"checkpoint-{self.state.global_step}"
         try:
             super()._save_checkpoint(model, trial)
         finally:
             del self._get_output_dir
+        if self.stream_progress is not None:  # every process writes its own readers' positions
+            self.stream_progress.save(Path(staging) / name, self.args.process_index)
         self.accelerator.wait_for_everyone()
-        name = f"checkpoint-{self.state.global_step}"
         best = self.state.best_model_checkpoint
         if best is not None and Path(best).parent == Path(staging):  # Trainer saw the checkpoint in staging
             self.state.best_model_checkpoint = os.path.join(run_dir, Path(best).name)

@@ -56,6 +56,8 @@ class EncodedPair:
     # when loss.precompute_reference
     reference_logps: torch.Tensor | None = None
     more_rejected_ids: list[list[int]] = field(default_factory=list)  # rejected answers 2..k of the same prompt
+    # with data.streaming: (reader, its state once this pair was read), what a checkpoint resumes the stream from
+    stream_state: tuple[str, Any] | None = None
 
     @property
     def all_rejected_ids(self) -> list[list[int]]:
@@ -325,6 +327,12 @@ def _reference_logps(pairs: list[EncodedPair]) -> dict:
     return {"reference_logps": torch.cat([p.reference_logps for p in pairs])}
 
 
+def _stream_states(pairs: list[EncodedPair]) -> dict:
+    """The readers' states of streamed pairs (`data.streaming`), for the trainer's record of where the stream is."""
+    states = [p.stream_state for p in pairs if p.stream_state is not None]
+    return {"stream_states": states} if states else {}
+
+
 def _meta(pairs: list[EncodedPair]) -> list[dict]:
     """Per derived pair: idx and the token ids exactly as fed (a row with k rejected answers gives k entries)."""
     return [{"idx": p.idx, "prompt_ids": p.prompt_ids, "chosen_ids": p.chosen_ids, "rejected_ids": rejected}
@@ -402,6 +410,7 @@ class PackedCollator:
             **_token_inputs(pairs, shape, placements),
             **targets.tensors(derived[-1][-1] + 1),
             **_reference_logps(pairs),
+            **_stream_states(pairs),
             "pairs_per_group": torch.tensor([p.rejected_count for p in pairs]),
             "meta": _meta(pairs),
             "images": collate_image_inputs([p.image_inputs for p in pairs]),
@@ -476,15 +485,24 @@ class PlainCollator:
             **_token_inputs(pairs, shape, placements),
             **targets.tensors(len(groups), self.keep_all_logits),
             **_reference_logps(pairs),
+            **_stream_states(pairs),
             "pairs_per_group": torch.tensor([p.rejected_count for p in pairs]),
             "meta": _meta(pairs),
             "images": collate_image_inputs([p.image_inputs for p in [*pairs, *(pairs[g] for g in groups)]]),
         }
 
 
-def load_pairs(data_cfg, encoder: PairEncoder, *, train: bool = True, limit: int | None = None):
-    """(train PairDataset | None, validation PairDataset | None, SkipReport) for a `config.DataConfig`."""
+def load_pairs(data_cfg, encoder: PairEncoder, *, train: bool = True, limit: int | None = None,
+               process_index: int = 0, num_processes: int = 1):
+    """(train PairDataset | None, validation PairDataset | None, SkipReport) for a `config.DataConfig`; with
+    `data.streaming` the train set is a `streaming.StreamedPairs` (this process's part of the stream)."""
     from vlm_orpo.data.sources import prepare_data
+
+    if data_cfg.streaming:
+        from vlm_orpo.data.streaming import streamed_pairs
+
+        return streamed_pairs(data_cfg, encoder, train=train, limit=limit, process_index=process_index,
+                              num_processes=num_processes)
 
     prepared = prepare_data(
         data_cfg.source,

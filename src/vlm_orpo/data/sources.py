@@ -51,6 +51,7 @@ class SkipReport:
     kept: Counter = field(default_factory=Counter)
     truncated: Counter = field(default_factory=Counter)  # kept rows with an answer cut to max_answer_tokens
     unscored: Counter = field(default_factory=Counter)  # held-out rows left out by an evaluation limit
+    streamed: Counter = field(default_factory=Counter)  # rows read from a stream (data.streaming), all passes
 
     def skip(self, split: str, row: int, idx: Any, error: BadRow) -> None:
         self.reasons[error.reason] += 1
@@ -66,6 +67,8 @@ class SkipReport:
             notes.setdefault(split, []).append(f"{n} with an answer cut to max_answer_tokens")
         for split, n in (+self.unscored).items():
             notes.setdefault(split, []).append(f"{n} more held out but not scored: limit")
+        for split, n in (+self.streamed).items():
+            notes.setdefault(split, []).append(f"streamed: {n} rows read")
         kept = ", ".join(f"{split} {n}" + (f" ({'; '.join(notes[split])})" if notes[split] else "")
                          for split, n in self.kept.items())
         if not self.reasons:
@@ -136,15 +139,20 @@ def resolve_columns(column_names: list[str], mapping: dict[str, str | list[str]]
     )
 
 
-def _load_local(path: Path, split: str) -> datasets.DatasetDict | datasets.Dataset:
+def _load_local(path: Path, split: str, streaming: bool = False):
     if path.is_dir():
         if (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists():
-            return datasets.load_from_disk(str(path))
-        return datasets.load_dataset(str(path))
+            saved = datasets.load_from_disk(str(path))  # already Arrow on disk: a stream of it reads the same files
+            if not streaming:
+                return saved
+            if isinstance(saved, datasets.DatasetDict):
+                return datasets.IterableDatasetDict({name: d.to_iterable_dataset() for name, d in saved.items()})
+            return saved.to_iterable_dataset()
+        return datasets.load_dataset(str(path), streaming=streaming)
     fmt = _FILE_FORMATS.get(path.suffix.lower())
     if fmt is None:
         raise DataError(f"cannot read {path}: unsupported file type (use {', '.join(_FILE_FORMATS)})")
-    return datasets.load_dataset(fmt, data_files={split: str(path)})
+    return datasets.load_dataset(fmt, data_files={split: str(path)}, streaming=streaming)
 
 
 def local_source_path(source: str) -> Path | None:
@@ -155,10 +163,11 @@ def local_source_path(source: str) -> Path | None:
     return None
 
 
-def load_source(source: str, split: str = "train") -> tuple[datasets.Dataset, Path | None]:
+def load_source(source: str, split: str = "train", streaming: bool = False) -> tuple[datasets.Dataset, Path | None]:
     """One split of a dataset, with the folder that relative image paths are read from.
 
-    A single file is one split: whatever split is asked for, it is the whole file."""
+    A single file is one split: whatever split is asked for, it is the whole file. `streaming` gives a
+    `datasets.IterableDataset` that reads rows as they are needed (a hub dataset is not downloaded first)."""
     if source == BUNDLED:
         from vlm_orpo.assets import ensure_assets
 
@@ -171,20 +180,20 @@ def load_source(source: str, split: str = "train") -> tuple[datasets.Dataset, Pa
         if path is not None:
             if not path.exists():
                 raise DataError(f"data path not found: {path}")
-            loaded, base_dir = _load_local(path, split), (path if path.is_dir() else path.parent)
+            loaded, base_dir = _load_local(path, split, streaming), (path if path.is_dir() else path.parent)
         else:
-            loaded, base_dir = datasets.load_dataset(source), None
+            loaded, base_dir = datasets.load_dataset(source, streaming=streaming), None
     except DataError:
         raise
     except Exception as exc:  # datasets raises many types; the user needs the one line, not the stack
         if path is not None and path.is_file() and _holds_no_rows(path):
             raise DataError(f"no rows in {path}") from None
         raise DataError(f"cannot load data {source!r}: {first_line(exc)}") from None
-    if isinstance(loaded, datasets.DatasetDict):
+    if isinstance(loaded, datasets.DatasetDict | datasets.IterableDatasetDict):
         if split not in loaded:
             raise DataError(f"{source!r} has no split {split!r}; it has {list(loaded)}")
         loaded = loaded[split]
-    if len(loaded) == 0:
+    if not streaming and len(loaded) == 0:
         where = str(path) if path is not None and path.is_file() else f"{source!r}, split {split!r}"
         raise DataError(f"no rows in {where}")
     return loaded, base_dir
@@ -205,6 +214,17 @@ def _holds_no_rows(path: Path) -> bool:
         return not f.read(1 << 16).strip()
 
 
+def undecoded_images(dataset: datasets.Dataset | datasets.IterableDataset, image_col: str):
+    """The dataset with its image column left as bytes or paths: validation reads only the header, and a pair's
+    image is decoded when it is encoded."""
+    feature = (dataset.features or {}).get(image_col)
+    if isinstance(feature, datasets.Image):
+        return dataset.cast_column(image_col, datasets.Image(decode=False))
+    if isinstance(feature, datasets.Sequence | datasets.List) and isinstance(feature.feature, datasets.Image):
+        return dataset.cast_column(image_col, type(feature)(datasets.Image(decode=False)))
+    return dataset
+
+
 def select_rows(
     dataset: datasets.Dataset,
     columns: dict[str, str],
@@ -221,13 +241,7 @@ def select_rows(
 
     `check_tokens(row, (height, width))` (the encoder's, with `check_key` its cache key) raises BadRow for a row
     the model cannot take and returns whether an answer will be cut, which is counted."""
-    image_col = columns["image"]
-    undecoded = dataset
-    feature = dataset.features.get(image_col)
-    if isinstance(feature, datasets.Image):
-        undecoded = dataset.cast_column(image_col, datasets.Image(decode=False))
-    elif isinstance(feature, datasets.Sequence | datasets.List) and isinstance(feature.feature, datasets.Image):
-        undecoded = dataset.cast_column(image_col, type(feature)(datasets.Image(decode=False)))
+    undecoded = undecoded_images(dataset, columns["image"])
     check = RowCheck(undecoded, columns, base_dir, max_pixels, check_tokens, check_key)
     positions = list(positions) if positions is not None else list(range(len(undecoded)))
     kept = []

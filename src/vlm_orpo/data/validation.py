@@ -147,7 +147,7 @@ class RowOutcome:
 class RowCheck:
     """What validating one row needs; `check_tokens` and `key` come from the encoder (None: fields and image only)."""
 
-    dataset: datasets.Dataset  # images undecoded
+    dataset: datasets.Dataset | None  # images undecoded; None for a stream (rows come to `outcome`)
     columns: dict[str, str]
     base_dir: Path | None
     max_pixels: int | None
@@ -155,8 +155,10 @@ class RowCheck:
     key: str | None = None  # the validator's cache key; None: the outcome is not cached
 
     def __call__(self, row_number: int) -> RowOutcome:
-        raw = self.dataset[row_number]
-        has_idx = "idx" in self.dataset.column_names
+        return self.outcome(self.dataset[row_number], row_number, "idx" in self.dataset.column_names)
+
+    def outcome(self, raw: dict, row_number: int, has_idx: bool) -> RowOutcome:
+        """One raw row's outcome: of a dataset's row here, of a streamed row in `data.streaming`."""
         idx = raw["idx"] if has_idx else row_number
         try:
             row = canonical_row(raw, self.columns, row_number, has_idx)
