@@ -163,6 +163,20 @@ def test_a_named_validation_split_is_read_whole_up_to_the_limit(asset_cache, enc
     assert all(validation.rows.raw(i)["task"] == "colour" for i in range(5))
 
 
+def test_a_jsonl_stream_with_relative_image_paths_and_no_idx(tmp_path, encoder):
+    """JSON streams declare no columns (the first row names them) and their parquet-only read size is left out."""
+    import json
+
+    (tmp_path / "images").mkdir()
+    (tmp_path / "images" / "a.png").write_bytes(png())
+    lines = [{"images": ["images/a.png"], "prompt": f"Describe it ({i}).", "chosen": "A red square.",
+              "rejected": "A blue circle."} for i in range(3)]
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    pairs = first_pass(stream(str(tmp_path / "d.jsonl"), encoder, shuffle_buffer=0))
+    assert [p.idx for p in pairs] == [0, 1, 2]  # no idx column: the row's place in the stream
+    assert pairs[0].image_inputs["pixel_values"].shape[0] == 1
+
+
 def test_streaming_mistakes_are_one_line(asset_cache, tmp_path, capsys):
     run = ["train", "--config", QUICKSTART, f"training.output_dir={tmp_path / 'run'}", "data.streaming=true"]
     assert_one_line_error(main_in_process(capsys, *run), "data.eval_limit")

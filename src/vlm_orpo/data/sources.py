@@ -139,6 +139,23 @@ def resolve_columns(column_names: list[str], mapping: dict[str, str | list[str]]
     )
 
 
+# rows a parquet stream decodes at a time; datasets' default, a whole row group (thousands of rows of image bytes),
+# made a stream's peak RSS grow with the file: 959 -> 1,950 MiB for 5k -> 20k rows (benchmarks/data_bench.py)
+STREAM_BATCH_ROWS = 100
+
+
+def _load_dataset(*args, streaming: bool = False, **kwargs):
+    """datasets.load_dataset; a stream of parquet (local or hub) reads STREAM_BATCH_ROWS rows at a time."""
+    if not streaming:
+        return datasets.load_dataset(*args, **kwargs)
+    try:
+        return datasets.load_dataset(*args, streaming=True, batch_size=STREAM_BATCH_ROWS, **kwargs)
+    except TypeError as exc:  # JSON, CSV and Arrow builders have no batch_size
+        if "batch_size" not in str(exc):
+            raise
+        return datasets.load_dataset(*args, streaming=True, **kwargs)
+
+
 def _load_local(path: Path, split: str, streaming: bool = False):
     if path.is_dir():
         if (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists():
@@ -148,11 +165,11 @@ def _load_local(path: Path, split: str, streaming: bool = False):
             if isinstance(saved, datasets.DatasetDict):
                 return datasets.IterableDatasetDict({name: d.to_iterable_dataset() for name, d in saved.items()})
             return saved.to_iterable_dataset()
-        return datasets.load_dataset(str(path), streaming=streaming)
+        return _load_dataset(str(path), streaming=streaming)
     fmt = _FILE_FORMATS.get(path.suffix.lower())
     if fmt is None:
         raise DataError(f"cannot read {path}: unsupported file type (use {', '.join(_FILE_FORMATS)})")
-    return datasets.load_dataset(fmt, data_files={split: str(path)}, streaming=streaming)
+    return _load_dataset(fmt, data_files={split: str(path)}, streaming=streaming)
 
 
 def local_source_path(source: str) -> Path | None:
@@ -182,7 +199,7 @@ def load_source(source: str, split: str = "train", streaming: bool = False) -> t
                 raise DataError(f"data path not found: {path}")
             loaded, base_dir = _load_local(path, split, streaming), (path if path.is_dir() else path.parent)
         else:
-            loaded, base_dir = datasets.load_dataset(source, streaming=streaming), None
+            loaded, base_dir = _load_dataset(source, streaming=streaming), None
     except DataError:
         raise
     except Exception as exc:  # datasets raises many types; the user needs the one line, not the stack
