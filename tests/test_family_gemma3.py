@@ -21,7 +21,7 @@ from transformers.models.gemma3.modeling_gemma3 import create_masks_for_vision_m
 
 from equivalence import assert_equivalent, rel_err, with_rejected
 from vlm_orpo.assets import ensure_tiny_model
-from vlm_orpo.assets.tiny_gemma3 import MM_TOKENS_PER_IMAGE, SLIDING_WINDOW, build_gemma3
+from vlm_orpo.assets.tiny_gemma3 import IMAGE_SIZE, MM_TOKENS_PER_IMAGE, SLIDING_WINDOW, build_gemma3
 from vlm_orpo.config import ModelConfig
 from vlm_orpo.data.packing import PackedCollator, PairEncoder
 from vlm_orpo.modeling.families import family_for
@@ -37,7 +37,7 @@ QUESTION = "What colour is the shape?"
 
 @pytest.fixture(scope="module")
 def g3(asset_cache):
-    """The tiny model dir, processor, encoder and 8 encoded pairs of the bundled data (lengths 48..62)."""
+    """The tiny model dir, processor, encoder and 8 encoded pairs of the bundled data (lengths 96..110)."""
     path = ensure_tiny_model("gemma3")
     processor = AutoProcessor.from_pretrained(path)
     encoder = PairEncoder(processor, max_answer_tokens=32)
@@ -96,12 +96,12 @@ def test_tiny_model_and_processor(g3):
     types = pair.prompt_token_inputs["token_type_ids"][0]
     assert torch.equal(types == 1, torch.tensor(pair.prompt_ids) == g3.image_id)
     assert int(types.sum()) == MM_TOKENS_PER_IMAGE
-    assert pair.image_inputs["pixel_values"].shape == (1, 3, 64, 64)
+    assert pair.image_inputs["pixel_values"].shape == (1, 3, IMAGE_SIZE, IMAGE_SIZE)
     assert tok.decode(pair.chosen_ids) == "They are triangles.<end_of_turn>"
     assert pair.chosen_ids.count(tok.eos_token_id) == 1 and pair.chosen_ids[-1] == tok.eos_token_id
     ids = g3.encoder.answer_ids(QUESTION, "I see <image_soft_token> and <end_of_turn> here")  # text stays text
     assert g3.image_id not in ids and ids.count(tok.eos_token_id) == 1
-    for width, height in ((64, 64), (200, 90)):  # any size is resized to one 64x64 image: 16 tokens
+    for width, height in ((64, 64), (200, 90)):  # any size is resized to one IMAGE_SIZE square: the same tokens
         row = {"idx": 0, "image": Image.new("RGB", (width, height), (200, 30, 30)), "question": QUESTION,
                "chosen": "red", "rejected": "blue"}
         assert g3.encoder.prompt_length(QUESTION, (height, width)) == len(g3.encoder.encode(row).prompt_ids)
