@@ -32,6 +32,7 @@ import json
 from pathlib import Path
 
 from vlm_orpo.assets.atomic import atomic_dir
+from vlm_orpo.assets.tiny_model import TEXT_INIT, VISION_INIT, redraw_matrices
 
 __all__ = ["CHAT_TEMPLATE", "SPECIAL_TOKENS", "SLIDING_WINDOW", "MM_TOKENS_PER_IMAGE", "build_gemma3"]
 
@@ -40,7 +41,6 @@ PATCH_SIZE = 8  # 16x16 = 256 patches, pooled with a 2x2 kernel to 64 tokens
 MM_TOKENS_PER_IMAGE = 64  # must be a square whose side divides IMAGE_SIZE // PATCH_SIZE (the avg-pool projector)
 SLIDING_WINDOW = 24
 QUERY_PRE_ATTN_SCALAR = 8  # attention scores are q.k / sqrt(8), q and k RMS-normed per head of 32
-VISION_INIT = 0.02  # std of the projector and of every matrix of the SigLIP tower
 
 PAD, EOS, BOS, UNK = "<pad>", "<eos>", "<bos>", "<unk>"  # ids 0..3, as in Gemma's own vocabulary
 SOT, EOT = "<start_of_turn>", "<end_of_turn>"
@@ -159,8 +159,7 @@ def _config(hf_tok):
         layer_types=["sliding_attention", "full_attention"],
         sliding_window=SLIDING_WINDOW,
         max_position_embeddings=4096,
-        # see tiny_model.py: HF's 0.02 is tuned for hidden sizes in the thousands
-        initializer_range=0.1,
+        initializer_range=TEXT_INIT,
         tie_word_embeddings=True,
         bos_token_id=ids[BOS],
         eos_token_id=ids[EOT],
@@ -173,7 +172,7 @@ def _config(hf_tok):
         boi_token_index=ids[BOI],
         eoi_token_index=ids[EOI],
         image_token_index=ids[IMAGE],
-        initializer_range=0.1,
+        initializer_range=TEXT_INIT,
         tie_word_embeddings=True,
     )
     config.bos_token_id, config.eos_token_id, config.pad_token_id = ids[BOS], ids[EOT], ids[PAD]
@@ -197,10 +196,7 @@ def build_gemma3(out_dir: Path, seed: int = 0) -> Path:
             # never has that, and the tests need images that matter
             torch.nn.init.normal_(model.model.multi_modal_projector.mm_input_projection_weight, std=VISION_INIT)
             # SigLIP's own init mixes a random tower's tokens so much that a small shape's colour hardly survives
-            with torch.no_grad():
-                for weight in model.model.vision_tower.parameters():
-                    if weight.ndim >= 2:  # patch and position embeddings, attention, MLP; biases and norms stay
-                        weight.normal_(std=VISION_INIT)
+            redraw_matrices(model.model.vision_tower)
         model.generation_config = GenerationConfig(
             bos_token_id=config.bos_token_id,
             eos_token_id=[config.eos_token_id, hf_tok.convert_tokens_to_ids(EOS)],

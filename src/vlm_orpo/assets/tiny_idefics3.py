@@ -23,7 +23,7 @@ import json
 from pathlib import Path
 
 from vlm_orpo.assets.atomic import atomic_dir
-from vlm_orpo.assets.tiny_model import tokenizer_corpus, train_bpe, wrap_tokenizer
+from vlm_orpo.assets.tiny_model import TEXT_INIT, tokenizer_corpus, train_bpe, wrap_tokenizer
 
 __all__ = ["CHAT_TEMPLATES", "SPECIAL_TOKENS", "build_idefics3", "build_smolvlm", "build_tokenizer"]
 
@@ -182,7 +182,7 @@ def _build_config(hf_tok, variant: str):
         head_dim=32,
         intermediate_size=256,
         max_position_embeddings=4096,
-        initializer_range=0.1,  # see tiny_model: HF's 0.02 keeps a random lm_head's logits too flat to learn fast
+        initializer_range=TEXT_INIT,
         tie_word_embeddings=False,
         bos_token_id=hf_tok.bos_token_id,
         eos_token_id=hf_tok.eos_token_id,

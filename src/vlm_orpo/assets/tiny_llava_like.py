@@ -18,7 +18,7 @@ Without torchvision: OneVision's and InternVL's processors need a video processo
 only with torchvision, so a plain `BaseVideoProcessor` takes its place (images only); `PixtralProcessor`'s module
 imports torchvision. `modeling.processor_compat` makes both load (a no-op with torchvision).
 
-About 0.7M parameters each (~2.8 MB float32); `initializer_range=0.1` on the text model, as in `tiny_model`. Parts
+About 0.7M parameters each (~2.8 MB float32); the text model at `TEXT_INIT` (0.1), as in `tiny_model`. Parts
 of the image side are drawn again at HF's usual 0.02 (`VISION_INIT`, as the tiny Qwen-VL towers and mergers are), so
 that the quickstart learns its colour questions (issue 12): InternVL's and Mistral 3's projectors (transformers draws
 them at the text model's 0.1) and OneVision's SigLIP tower (SigLIP's own xavier/lecun init is ~0.1 at width 64;
@@ -32,7 +32,7 @@ import json
 from pathlib import Path
 
 from vlm_orpo.assets.atomic import atomic_dir
-from vlm_orpo.assets.tiny_model import tokenizer_corpus, train_bpe, wrap_tokenizer
+from vlm_orpo.assets.tiny_model import TEXT_INIT, redraw_matrices, tokenizer_corpus, train_bpe, wrap_tokenizer
 
 __all__ = [
     "INTERNVL_CHAT_TEMPLATE",
@@ -42,9 +42,6 @@ __all__ = [
     "build_llava_onevision",
     "build_mistral3",
 ]
-
-# std of the image-side matrices that `_save` draws again (HF's usual initializer_range; see the module docstring)
-VISION_INIT = 0.02
 
 # Qwen2's chat markers: <|endoftext|> pads, <|im_end|> ends a turn (EOS); no BOS
 PAD_QWEN, IM_START, IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
@@ -159,8 +156,7 @@ def _qwen2_text(hf_tok, hidden: int = 128):
         intermediate_size=2 * hidden,
         max_position_embeddings=4096,
         use_sliding_window=False,
-        # HF's default 0.02 is tuned for hidden sizes in the thousands (see tiny_model.py)
-        initializer_range=0.1,
+        initializer_range=TEXT_INIT,
         tie_word_embeddings=False,
         bos_token_id=hf_tok.bos_token_id,
         eos_token_id=hf_tok.eos_token_id,
@@ -184,10 +180,7 @@ def _save(out_dir: Path, kind: str, seed: int, processor, model_class, config, s
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             model = model_class(config).to(torch.float32)
-            with torch.no_grad():
-                for weight in getattr(model.model, small_init).parameters():
-                    if weight.ndim >= 2:
-                        weight.normal_(std=VISION_INIT)
+            redraw_matrices(getattr(model.model, small_init))
         model.generation_config = GenerationConfig(
             bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id
         )
@@ -351,7 +344,7 @@ def build_mistral3(out_dir: Path, seed: int = 0) -> Path:
     text = MistralConfig(
         vocab_size=len(hf_tok), hidden_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
         head_dim=32, intermediate_size=256, max_position_embeddings=4096, sliding_window=None,
-        initializer_range=0.1, tie_word_embeddings=False,
+        initializer_range=TEXT_INIT, tie_word_embeddings=False,
     )
     config = Mistral3Config(
         vision_config=vision,

@@ -19,16 +19,27 @@ from vlm_orpo.assets.atomic import atomic_dir
 __all__ = [
     "CHAT_TEMPLATE",
     "IMAGE_GRID_PINPOINTS",
+    "TEXT_INIT",
+    "VISION_INIT",
     "SPECIAL_TOKENS",
     "VOCAB_SIZE",
     "build_tiny_model",
     "build_tokenizer",
+    "redraw_matrices",
     "train_bpe",
     "wrap_tokenizer",
     "tokenizer_corpus",
 ]
 
 VOCAB_SIZE = 1000
+# std of every tiny text model's weights (`initializer_range`): HF's default 0.02 is tuned for hidden sizes in the
+# thousands; at 128 it caps a frozen random lm_head's logits near +-2.5, so the quickstart could not become confident
+# in minutes.
+TEXT_INIT = 0.1
+# std of the image side (vision towers, projectors): HF's usual 0.02. A tower or projector at the text model's 0.1, or
+# SigLIP's own xavier/lecun init (~0.1 at width 64), mixes a random tower's tokens so much that a small shape's colour
+# hardly survives, and the quickstart learnt its colour questions too slowly (issue 12).
+VISION_INIT = 0.02
 IMAGE_SIZE = 64  # vision tower input (crop) size
 PATCH_SIZE = 8
 IMAGE_GRID_PINPOINTS = [[64, 128], [128, 64], [128, 128]]
@@ -161,6 +172,16 @@ def train_bpe(special_tokens: list[str], chat_lines: list[str] = ()):
     return tok
 
 
+def redraw_matrices(module, std: float = VISION_INIT) -> None:
+    """Draw every matrix of `module` (a vision tower or projector) again from N(0, std); biases and norms stay."""
+    import torch
+
+    with torch.no_grad():
+        for weight in module.parameters():
+            if weight.ndim >= 2:
+                weight.normal_(std=std)
+
+
 def build_tokenizer():
     """The LLaVA-NeXT tokenizer (`tokenizers.Tokenizer`): BOS prepended like Mistral/Llama; deterministic."""
     from tokenizers import processors
@@ -253,9 +274,7 @@ def _build_config(hf_tok):
         intermediate_size=256,
         max_position_embeddings=4096,
         sliding_window=None,
-        # HF's default 0.02 is tuned for hidden sizes in the thousands; at 128 it caps a frozen random
-        # lm_head's logits near +-2.5, so the quickstart could not become confident in minutes.
-        initializer_range=0.1,
+        initializer_range=TEXT_INIT,
         tie_word_embeddings=False,
         bos_token_id=hf_tok.bos_token_id,
         eos_token_id=hf_tok.eos_token_id,

@@ -24,6 +24,7 @@ import json
 from pathlib import Path
 
 from vlm_orpo.assets.atomic import atomic_dir
+from vlm_orpo.assets.tiny_model import TEXT_INIT, VISION_INIT
 
 __all__ = ["CHAT_TEMPLATE", "SPECIAL_TOKENS", "build_qwen2_vl", "build_qwen2_5_vl", "build_qwen3_vl", "build_tokenizer"]
 
@@ -38,7 +39,6 @@ MIN_PIXELS = 32 * 32
 # the synthetic images' 128x128 kept whole: at 96x96 (36 tokens of 16x16 pixels) a small shape is mostly blended with
 # the background in its tokens, and the quickstart learned its colour too slowly (Qwen2.5-VL: 54% held-out accuracy)
 MAX_PIXELS = 128 * 128
-VISION_INIT = 0.02
 
 # The Qwen-VL format; content may be a string or a list of parts, looped over as `message['content']` itself, as
 # the hub templates do (vLLM reads that loop to pass the parts, not a flattened string); the assistant turn is
@@ -143,8 +143,7 @@ _TEXT = dict(
     num_key_value_heads=2,
     max_position_embeddings=4096,
     rms_norm_eps=1e-6,
-    # HF's default 0.02 is tuned for hidden sizes in the thousands (see tiny_model): 0.1 lets the quickstart learn
-    initializer_range=0.1,
+    initializer_range=TEXT_INIT,
 )
 
 
