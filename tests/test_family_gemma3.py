@@ -21,7 +21,7 @@ from transformers.models.gemma3.modeling_gemma3 import create_masks_for_vision_m
 
 from equivalence import assert_equivalent, rel_err, with_rejected
 from vlm_orpo.assets import ensure_tiny_model
-from vlm_orpo.assets.tiny_gemma3 import IMAGE_SIZE, MM_TOKENS_PER_IMAGE, SLIDING_WINDOW, build_gemma3
+from vlm_orpo.assets.tiny_gemma3 import IMAGE_SIZE, LAYER_TYPES, MM_TOKENS_PER_IMAGE, SLIDING_WINDOW, build_gemma3
 from vlm_orpo.config import ModelConfig
 from vlm_orpo.data.packing import PackedCollator, PairEncoder
 from vlm_orpo.modeling.families import family_for
@@ -115,7 +115,8 @@ def test_loads_through_the_model_config(g3):
     assert type(model).__name__ == "Gemma3ForConditionalGeneration"
     assert sum(p.numel() * p.element_size() for p in model.parameters()) < 3e6
     text = model.config.get_text_config()
-    assert text.layer_types == ["sliding_attention", "full_attention"] and text.sliding_window == SLIDING_WINDOW
+    assert text.layer_types == LAYER_TYPES and text.sliding_window == SLIDING_WINDOW
+    assert {"sliding_attention", "full_attention"} <= set(LAYER_TYPES)
     assert model.get_input_embeddings().weight is model.get_output_embeddings().weight  # tied, as released
 
 
