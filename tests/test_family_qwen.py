@@ -1,6 +1,6 @@
-"""Qwen2-VL, Qwen2.5-VL and Qwen3-VL on the packed path: 3D M-RoPE positions equal the model's own, with images
-of different sizes in one batch, several images and a video in one prompt, Qwen3-VL's deepstack features
-(training through the CLI: test_family_quickstart)."""
+"""Qwen2-VL, Qwen2.5-VL, Qwen3-VL and Qwen3-VL-MoE on the packed path: 3D M-RoPE positions equal the model's own,
+with images of different sizes in one batch, several images and a video in one prompt, Qwen3-VL's deepstack
+features, the MoE decoder's routing (training through the CLI: test_family_quickstart)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from vlm_orpo.data.packing import EncodedPair, PackedCollator, PairEncoder, Plai
 from vlm_orpo.modeling.families import ModelFamily, family_for
 from vlm_orpo.modeling.shared_prefix import packed_logps, set_attention_backend
 
-FAMILIES = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"]
+FAMILIES = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe"]
 BACKENDS = ["sdpa", "pairs"]
 LAYOUTS = {  # id: (max_tokens_per_row, gradient_checkpointing, rows for the 4 pairs)
     "pair-per-row": (None, False, 4),
@@ -127,7 +127,7 @@ def video_inputs(family: str, processor, frames: int, height: int, width: int, s
     ip = processor.image_processor
     per_frame = height * width // ip.merge_size**2
     pad = processor.video_token
-    if family == "qwen3_vl":  # Qwen3-VL: a timestamp before each frame, each frame in its own vision markers
+    if family.startswith("qwen3_vl"):  # Qwen3-VL: a timestamp before each frame, each in its own vision markers
         text = "".join(f"<{0.5 + 2 * t:.1f} seconds><|vision_start|>{pad * per_frame}<|vision_end|>"
                        for t in range(frames))
     else:
@@ -254,13 +254,35 @@ def test_qwen3_deepstack_features_reach_the_image_tokens(asset_cache):
     assert torch.equal(seen[0], batch["input_ids"] == tiny.image_id)
 
 
+def test_qwen3_moe_routes_each_token_to_its_experts(asset_cache):
+    """The tiny Qwen3-VL-MoE's decoder is a real mixture: the packed forward's tokens go to every expert, two each
+    (the equivalence tests prove that a packed row routes every token as its own sequence does)."""
+    tiny = _TINY.get("qwen3_vl_moe") or Tiny("qwen3_vl_moe", asset_cache)
+    model = tiny.model()
+    text = model.config.text_config
+    assert 1 < text.num_experts_per_tok < text.num_experts
+    routed = []
+    hook = model.model.language_model.layers[0].mlp.gate.register_forward_hook(
+        lambda module, args, output: routed.append(output[2]))
+    batch = PackedCollator(tiny.pad_id, tiny.image_id, max_tokens_per_row=4000)(tiny.pairs)
+    try:
+        with torch.no_grad():
+            packed_logps(model, batch)
+    finally:
+        hook.remove()
+    experts = routed[0]
+    assert experts.shape == (batch["input_ids"].numel(), text.num_experts_per_tok)
+    assert set(experts.unique().tolist()) == set(range(text.num_experts))
+
+
 # --- the tiny models and their processors
 
 
 def test_tiny_model_and_processor(tiny):
     tokenizer = tiny.processor.tokenizer
     assert type(tiny.processor).__name__ == {"qwen2_vl": "Qwen2VLProcessor", "qwen2_5_vl": "Qwen2_5_VLProcessor",
-                                             "qwen3_vl": "Qwen3VLProcessor"}[tiny.family]
+                                             "qwen3_vl": "Qwen3VLProcessor",
+                                             "qwen3_vl_moe": "Qwen3VLProcessor"}[tiny.family]
     assert tokenizer.eos_token == "<|im_end|>" and tokenizer.pad_token == "<|endoftext|>"
     assert tokenizer.bos_token is None
     prompt = tiny.encoder.prompt_text("What colour is the shape?")

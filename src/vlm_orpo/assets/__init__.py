@@ -52,6 +52,7 @@ TINY_MODELS = {
     "qwen2_vl": "tiny_qwen:build_qwen2_vl",
     "qwen2_5_vl": "tiny_qwen:build_qwen2_5_vl",
     "qwen3_vl": "tiny_qwen:build_qwen3_vl",
+    "qwen3_vl_moe": "tiny_qwen:build_qwen3_vl_moe",
     "gemma3": "tiny_gemma3:build_gemma3",
     "idefics3": "tiny_idefics3:build_idefics3",
     "smolvlm": "tiny_idefics3:build_smolvlm",

@@ -26,7 +26,8 @@ from pathlib import Path
 from vlm_orpo.assets.atomic import atomic_dir
 from vlm_orpo.assets.tiny_model import TEXT_INIT, VISION_INIT
 
-__all__ = ["CHAT_TEMPLATE", "SPECIAL_TOKENS", "build_qwen2_vl", "build_qwen2_5_vl", "build_qwen3_vl", "build_tokenizer"]
+__all__ = ["CHAT_TEMPLATE", "SPECIAL_TOKENS", "build_qwen2_vl", "build_qwen2_5_vl", "build_qwen3_vl", "build_qwen3_vl_moe",
+           "build_tokenizer"]
 
 ENDOFTEXT, IM_START, IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
 VISION_START, VISION_END, IMAGE_PAD, VIDEO_PAD = "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"
@@ -110,7 +111,7 @@ def _build_processor(family: str, hf_tok):
     from vlm_orpo.modeling.processor_compat import allow_processors_without_torchvision
 
     allow_processors_without_torchvision()
-    qwen3 = family == "qwen3_vl"
+    qwen3 = family.startswith("qwen3_vl")
     mean, std = ([0.5] * 3, [0.5] * 3) if qwen3 else (list(OPENAI_CLIP_MEAN), list(OPENAI_CLIP_STD))
     vision = dict(patch_size=PATCH_SIZE, temporal_patch_size=TEMPORAL_PATCH_SIZE, merge_size=MERGE_SIZE,
                   image_mean=mean, image_std=std)
@@ -129,6 +130,7 @@ def _build_processor(family: str, hf_tok):
         "qwen2_vl": transformers.Qwen2VLProcessor,
         "qwen2_5_vl": transformers.Qwen2_5_VLProcessor,
         "qwen3_vl": transformers.Qwen3VLProcessor,
+        "qwen3_vl_moe": transformers.Qwen3VLProcessor,  # as the released Qwen3-VL-MoE checkpoints have
     }[family]
     return processor_class(image_processor=image_processor, tokenizer=hf_tok, video_processor=video_processor,
                            chat_template=CHAT_TEMPLATE)
@@ -168,7 +170,7 @@ def _build_config(family: str, hf_tok):
         vision.update(hidden_size=48, intermediate_size=96, out_hidden_size=_TEXT["hidden_size"], window_size=32,
                       fullatt_block_indexes=[1], tokens_per_second=2, hidden_act="silu")
         config = transformers.Qwen2_5_VLConfig(text_config=text, vision_config=vision, **ids)
-    elif family == "qwen3_vl":
+    elif family.startswith("qwen3_vl"):
         # Qwen3-VL interleaves t, h, w over the frequencies; 6 + 5 + 5 = head_dim / 2
         text["rope_parameters"] = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [6, 5, 5],
                                    "mrope_interleaved": True}
@@ -176,8 +178,12 @@ def _build_config(family: str, hf_tok):
         # deepstack: the first block's merged features are added to the first decoder layer's image positions
         vision.update(hidden_size=48, intermediate_size=96, out_hidden_size=_TEXT["hidden_size"],
                       num_position_embeddings=64, deepstack_visual_indexes=[0], hidden_act="gelu_pytorch_tanh")
-        config = transformers.Qwen3VLConfig(text_config=text, vision_config=vision, **ids)
-    else:  # pragma: no cover - TINY_MODELS names only the three
+        if family == "qwen3_vl_moe":  # every decoder MLP a router over 4 experts, 2 per token (as many weights as the MLP)
+            text.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48, decoder_sparse_step=1)
+            config = transformers.Qwen3VLMoeConfig(text_config=text, vision_config=vision, **ids)
+        else:
+            config = transformers.Qwen3VLConfig(text_config=text, vision_config=vision, **ids)
+    else:  # pragma: no cover - TINY_MODELS names only the four
         raise ValueError(f"no tiny Qwen model {family!r}")
     for key, value in special.items():
         setattr(config, key, value)
@@ -185,7 +191,8 @@ def _build_config(family: str, hf_tok):
 
 
 def build(family: str, out_dir: Path, seed: int = 0) -> Path:
-    """Build the tiny model of `family` ("qwen2_vl", "qwen2_5_vl" or "qwen3_vl") into `out_dir`, atomically."""
+    """Build the tiny model of `family` ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe") into `out_dir`,
+    atomically."""
     import torch
     from transformers import AutoModelForImageTextToText, GenerationConfig
 
@@ -220,3 +227,7 @@ def build_qwen2_5_vl(out_dir: Path, seed: int = 0) -> Path:
 
 def build_qwen3_vl(out_dir: Path, seed: int = 0) -> Path:
     return build("qwen3_vl", out_dir, seed)
+
+
+def build_qwen3_vl_moe(out_dir: Path, seed: int = 0) -> Path:
+    return build("qwen3_vl_moe", out_dir, seed)

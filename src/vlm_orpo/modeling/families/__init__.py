@@ -51,6 +51,7 @@ _ENTRIES = {
     "qwen2_vl": "qwen2_vl:QWEN2_VL",
     "qwen2_5_vl": "qwen2_vl:QWEN2_5_VL",
     "qwen3_vl": "qwen2_vl:QWEN3_VL",
+    "qwen3_vl_moe": "qwen2_vl:QWEN3_VL_MOE",
     "gemma3": "gemma3:GEMMA3",
     "idefics3": "idefics3:IDEFICS3",
     "smolvlm": "idefics3:SMOLVLM",

@@ -1,4 +1,4 @@
-"""Qwen2-VL, Qwen2.5-VL and Qwen3-VL: 3D M-RoPE positions for the packed row.
+"""Qwen2-VL, Qwen2.5-VL and Qwen3-VL (dense and MoE): 3D M-RoPE positions for the packed row.
 
 These models rotate each token by three positions (temporal, height, width). When no `position_ids` are given,
 transformers 5.17's `Qwen2VLModel.forward` (and 2.5's, 3's) builds them with `get_rope_index` from the
@@ -98,3 +98,8 @@ QWEN2_5_VL = QwenVLFamily(name="qwen2_5_vl", model_types=("qwen2_5_vl",), **_PAT
 # Qwen3-VL's deepstack mergers (model.visual.deepstack_merger_list) also project vision features into the text
 # model; `projector` names the main merger only (what lora.train_projector trains)
 QWEN3_VL = QwenVLFamily(name="qwen3_vl", model_types=("qwen3_vl",), **_PATHS)
+
+# Qwen3-VL with a mixture-of-experts decoder: each token is routed on its own hidden state, so a packed row routes
+# every token as its own sequence would (transformers' experts never drop tokens over a capacity); the router and the
+# experts are parameters, not Linear layers, so LoRA's all-linear adapts attention only
+QWEN3_VL_MOE = QwenVLFamily(name="qwen3_vl_moe", model_types=("qwen3_vl_moe",), **_PATHS)
