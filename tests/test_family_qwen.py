@@ -255,14 +255,16 @@ def test_qwen3_deepstack_features_reach_the_image_tokens(asset_cache):
 
 
 def test_qwen3_moe_routes_each_token_to_its_experts(asset_cache):
-    """The tiny Qwen3-VL-MoE's decoder is a real mixture: the packed forward's tokens go to every expert, two each
-    (the equivalence tests prove that a packed row routes every token as its own sequence does)."""
+    """The tiny Qwen3-VL-MoE's sparse layer is a real mixture: the packed forward's tokens go to every expert, two
+    each (the equivalence tests prove that a packed row routes every token as its own sequence does)."""
     tiny = _TINY.get("qwen3_vl_moe") or Tiny("qwen3_vl_moe", asset_cache)
     model = tiny.model()
     text = model.config.text_config
     assert 1 < text.num_experts_per_tok < text.num_experts
     routed = []
-    hook = model.model.language_model.layers[0].mlp.gate.register_forward_hook(
+    sparse = [layer.mlp for layer in model.model.language_model.layers if hasattr(layer.mlp, "experts")]
+    assert len(sparse) == 1  # the first layer is dense (tiny_qwen: LoRA adapts its MLP)
+    hook = sparse[0].gate.register_forward_hook(
         lambda module, args, output: routed.append(output[2]))
     batch = PackedCollator(tiny.pad_id, tiny.image_id, max_tokens_per_row=4000)(tiny.pairs)
     try:

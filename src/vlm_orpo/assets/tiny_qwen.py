@@ -178,8 +178,12 @@ def _build_config(family: str, hf_tok):
         # deepstack: the first block's merged features are added to the first decoder layer's image positions
         vision.update(hidden_size=48, intermediate_size=96, out_hidden_size=_TEXT["hidden_size"],
                       num_position_embeddings=64, deepstack_visual_indexes=[0], hidden_act="gelu_pytorch_tanh")
-        if family == "qwen3_vl_moe":  # every decoder MLP a router over 4 experts, 2 per token (as many weights as the MLP)
-            text.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48, decoder_sparse_step=1)
+        if family == "qwen3_vl_moe":
+            # the second decoder layer's MLP a router over 4 experts, 2 per token (as many weights as the dense MLP);
+            # the first stays dense (`mlp_only_layers`): LoRA's all-linear cannot adapt the experts, which are
+            # parameters, and with attention alone the quickstart learnt little (68/62/62% over seeds 42/1/2)
+            text.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48, decoder_sparse_step=1,
+                        mlp_only_layers=[0])
             config = transformers.Qwen3VLMoeConfig(text_config=text, vision_config=vision, **ids)
         else:
             config = transformers.Qwen3VLConfig(text_config=text, vision_config=vision, **ids)
