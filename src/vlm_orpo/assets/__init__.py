@@ -38,7 +38,7 @@ __all__ = [
 ]
 
 # Bump when the generators change, so stale caches are rebuilt under a new folder.
-ASSETS_VERSION = "assets-v5"
+ASSETS_VERSION = "assets-v6"
 SEED = 0
 TINY_MODEL_DIRNAME = "tiny-llava-next"
 SYNTHETIC_DIRNAME = "synthetic"
@@ -54,6 +54,7 @@ TINY_MODELS = {
     "qwen3_vl": "tiny_qwen:build_qwen3_vl",
     "qwen3_vl_moe": "tiny_qwen:build_qwen3_vl_moe",
     "gemma3": "tiny_gemma3:build_gemma3",
+    "gemma4": "tiny_gemma4:build_gemma4",
     "idefics3": "tiny_idefics3:build_idefics3",
     "smolvlm": "tiny_idefics3:build_smolvlm",
 }
@@ -97,9 +98,9 @@ def _data_ready(paths: dict[str, Path]) -> bool:
 def ensure_assets(root: Path | None = None) -> dict[str, str]:
     """Return `{"tiny_model": DIR, "train": PATH, "validation": PATH}` (absolute strings).
 
-    Builds whatever is missing under `<root>/assets-v5/` (`root` defaults to
+    Builds whatever is missing under `<root>/assets-v6/` (`root` defaults to
     `cache_root`). Concurrent callers are serialised by an `flock` on
-    `<root>/assets-v5.lock`; builds are atomic, so readers never see partial files.
+    `<root>/assets-v6.lock`; builds are atomic, so readers never see partial files.
     """
     root = Path(root).expanduser() if root is not None else cache_root()
     root = root.absolute()
