@@ -198,7 +198,8 @@ def test_packed_masks_are_the_models_own(g4, window, bidirectional):
             if own is None:  # transformers' masks without image blocks: causal and sliding causal
                 T = len(seq)
                 q, k = torch.arange(T)[:, None], torch.arange(T)[None, :]
-                own = {"full_attention": (k <= q)[None, None], "sliding_attention": ((k <= q) & (k > q - window))[None, None]}
+                own = {"full_attention": (k <= q)[None, None],
+                       "sliding_attention": ((k <= q) & (k > q - window))[None, None]}
             for layer_type, mask in masks.items():
                 assert torch.equal(mask[0, 0][seq][:, seq], own[layer_type][0, 0]), (i, layer_type)
         others = batch["pair_index"][0] != i
