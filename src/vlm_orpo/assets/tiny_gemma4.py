@@ -25,6 +25,8 @@ layers norm each block's output before adding it, so at one every block adds a r
 embeddings of about 0.2, and a small shape's colour drowns (a pre-norm tower at 0.02 adds about 0.03). The
 text layers' q and k norm scales start at `QK_NORM_SCALE`, so that attention is as sharp as the tiny Gemma 3's
 (scores q.k / sqrt(8)); at one (q.k, bounded by 32) the quickstart held-out accuracy at training seed 42 was 56%.
+With both, over training seeds 42 / 1 / 2: 80 / 80 / 90% (still rising at the last eval; two seeds short of 85%).
+Without the KV-shared layer it was 84% at seed 42 (a one-off check): the sharing is not what holds it back.
 
 About 0.71M parameters (~2.85 MB float32).
 """
