@@ -30,10 +30,10 @@ def test_forward_mode_resolution():
     generic = families.family_for(hybrid)  # no entry: its modules are found on a meta-device copy
     assert (generic.packed, generic.language_model, generic.vision_tower) == (False, "model.language_model",
                                                                              "model.visual")
-    gemma4 = AutoConfig.for_model("gemma4")  # a family transformers has and we have not packed: the plain forward
-    assert families.recurrent_layers(gemma4) == [] and resolve_forward_mode("auto", gemma4) == "plain"
-    with pytest.raises(ConfigError, match="family gemma4 has no shared-prefix support yet"):
-        resolve_forward_mode("packed", gemma4)
+    glm4v = AutoConfig.for_model("glm4v")  # a family transformers has and we have not packed: the plain forward
+    assert families.recurrent_layers(glm4v) == [] and resolve_forward_mode("auto", glm4v) == "plain"
+    with pytest.raises(ConfigError, match="family glm4v has no shared-prefix support yet"):
+        resolve_forward_mode("packed", glm4v)
 
 
 def test_a_model_with_no_family_trains_on_the_plain_forward_to_the_same_numbers(asset_cache, tmp_path, capsys,

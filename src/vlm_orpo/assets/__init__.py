@@ -54,6 +54,7 @@ TINY_MODELS = {
     "qwen3_vl": "tiny_qwen:build_qwen3_vl",
     "qwen3_vl_moe": "tiny_qwen:build_qwen3_vl_moe",
     "gemma3": "tiny_gemma3:build_gemma3",
+    "gemma4": "tiny_gemma4:build_gemma4",
     "idefics3": "tiny_idefics3:build_idefics3",
     "smolvlm": "tiny_idefics3:build_smolvlm",
 }

@@ -178,7 +178,9 @@ class PairEncoder:
             return len(self.tokenizer(text, **self.prompt_tokenizer_kwargs(prompt))["input_ids"])
         height, width = image_size
         n_image = self.processor._get_num_multimodal_tokens(image_sizes=[[height, width]])["num_image_tokens"][0]
-        return len(text_ids) - 1 + n_image
+        # Gemma 4 expands its image token to begin-of-image, the image tokens, end-of-image
+        wrapped = 2 if self.image_token_id in text_ids and getattr(self.processor, "eoi_token", None) else 0
+        return len(text_ids) - 1 + n_image + wrapped
 
     def check(self, row: dict, image_size: tuple[int, int]) -> bool:
         """Raise BadRow for a row the model cannot take whole; return whether an answer will be cut."""

@@ -8,8 +8,9 @@ transformers 5.17 refuses several processors without it, although their image pa
   names the family's own video processor still needs torchvision.)
 - Idefics2/Idefics3/SmolVLM PIL image processors are classed as torchvision-backed because their docstrings
   say "Mirrors TorchvisionBackend"; the real PIL classes are put on their lazy modules.
-- `PixtralProcessor` (Mistral 3) imports `image_processing_pixtral`, which imports torchvision for one
-  pure-Python helper that the PIL module has verbatim; a stand-in module with that helper lets it import.
+- `PixtralProcessor` (Mistral 3) and `Gemma4Processor` import `image_processing_pixtral` / `image_processing_gemma4`,
+  which import torchvision, for pure-Python helpers that the PIL modules have verbatim; a stand-in module with
+  those helpers lets them import.
 
 `load_processor` calls `allow_processors_without_torchvision` before `AutoProcessor`; with torchvision
 installed it does nothing, and transformers picks its own (faster) backends.
@@ -58,18 +59,26 @@ def _allow_pil_image_processors() -> None:
         _publish(lazy, name, real)
 
 
-def _allow_pixtral_processor() -> None:
-    name = "transformers.models.pixtral.image_processing_pixtral"
-    if name not in sys.modules:
-        from transformers.models.pixtral import image_processing_pil_pixtral as pil
+# model package -> (its processor class, the helpers its processing module imports from the torchvision-backed
+# image processor module, which the PIL module has verbatim)
+_STAND_INS = {
+    "pixtral": ("PixtralProcessor", ("get_resize_output_image_size",)),
+    "gemma4": ("Gemma4Processor", ("Gemma4ImageProcessorKwargs", "get_aspect_ratio_preserving_size")),
+}
 
-        stand_in = types.ModuleType(name, "stand-in without torchvision (vlm_orpo): the PIL module's helper")
-        stand_in.get_resize_output_image_size = pil.get_resize_output_image_size
-        sys.modules[name] = stand_in
-    from transformers.models.pixtral.processing_pixtral import PixtralProcessor
 
-    for module in [sys.modules["transformers.models.pixtral"], *_transformers_modules()]:
-        _publish(module, "PixtralProcessor", PixtralProcessor)
+def _allow_processors_with_stand_ins() -> None:
+    for package, (processor, helpers) in _STAND_INS.items():
+        name = f"transformers.models.{package}.image_processing_{package}"
+        if name not in sys.modules:
+            pil = importlib.import_module(f"transformers.models.{package}.image_processing_pil_{package}")
+            stand_in = types.ModuleType(name, "stand-in without torchvision (vlm_orpo): the PIL module's helpers")
+            for helper in helpers:
+                setattr(stand_in, helper, getattr(pil, helper))
+            sys.modules[name] = stand_in
+        real = getattr(importlib.import_module(f"transformers.models.{package}.processing_{package}"), processor)
+        for module in [sys.modules[f"transformers.models.{package}"], *_transformers_modules()]:
+            _publish(module, processor, real)
 
 
 _done = False
@@ -84,5 +93,5 @@ def allow_processors_without_torchvision() -> None:
         return
     _allow_base_video_processor()
     _allow_pil_image_processors()
-    _allow_pixtral_processor()
+    _allow_processors_with_stand_ins()
     _done = True

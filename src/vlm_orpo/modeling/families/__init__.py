@@ -2,8 +2,8 @@
 
 A family names where its language model, projector and vision tower live (for LoRA targets, freezing,
 quantization and export) and may override two things of the packed forward: how position ids are built
-(Qwen2-VL's 3D M-RoPE) and the attention inputs (Gemma 3's bidirectional image blocks and sliding windows).
-Image-feature merging is left to the model's own forward.
+(Qwen2-VL's 3D M-RoPE) and the attention inputs (Gemma 3's and Gemma 4's bidirectional image blocks and sliding
+windows). Image-feature merging is left to the model's own forward.
 
 A model type with no entry here still trains: `generic_family` finds its modules on a meta-device copy, and it
 runs on the plain two-sequence forward (`modeling.forward`).
@@ -53,6 +53,7 @@ _ENTRIES = {
     "qwen3_vl": "qwen2_vl:QWEN3_VL",
     "qwen3_vl_moe": "qwen2_vl:QWEN3_VL_MOE",
     "gemma3": "gemma3:GEMMA3",
+    "gemma4": "gemma3:GEMMA4",
     "idefics3": "idefics3:IDEFICS3",
     "smolvlm": "idefics3:SMOLVLM",
 }
