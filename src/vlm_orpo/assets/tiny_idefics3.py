@@ -23,7 +23,7 @@ import json
 from pathlib import Path
 
 from vlm_orpo.assets.atomic import atomic_dir
-from vlm_orpo.assets.tiny_model import TEXT_INIT, redraw_matrices, tokenizer_corpus, train_bpe, wrap_tokenizer
+from vlm_orpo.assets.tiny_model import TEXT_INIT, tokenizer_corpus, train_bpe, wrap_tokenizer
 
 __all__ = ["CHAT_TEMPLATES", "SPECIAL_TOKENS", "build_idefics3", "build_smolvlm", "build_tokenizer"]
 
@@ -214,8 +214,6 @@ def _build(out_dir: Path, seed: int, variant: str) -> Path:
         with torch.random.fork_rng(devices=[]):  # seeded init; the caller's global RNG is left alone
             torch.manual_seed(seed)
             model = model_class(config).to(torch.float32)
-            # the connector at the image side's 0.02, not the text model's 0.1 that transformers draws it at
-            redraw_matrices(model.model.connector)
         model.generation_config = GenerationConfig(
             bos_token_id=hf_tok.bos_token_id,
             eos_token_id=hf_tok.eos_token_id,
