@@ -38,7 +38,7 @@ __all__ = [
 ]
 
 # Bump when the generators change, so stale caches are rebuilt under a new folder.
-ASSETS_VERSION = "assets-v8"
+ASSETS_VERSION = "assets-v9"
 SEED = 0
 TINY_MODEL_DIRNAME = "tiny-llava-next"
 SYNTHETIC_DIRNAME = "synthetic"
@@ -98,9 +98,9 @@ def _data_ready(paths: dict[str, Path]) -> bool:
 def ensure_assets(root: Path | None = None) -> dict[str, str]:
     """Return `{"tiny_model": DIR, "train": PATH, "validation": PATH}` (absolute strings).
 
-    Builds whatever is missing under `<root>/assets-v8/` (`root` defaults to
+    Builds whatever is missing under `<root>/assets-v9/` (`root` defaults to
     `cache_root`). Concurrent callers are serialised by an `flock` on
-    `<root>/assets-v8.lock`; builds are atomic, so readers never see partial files.
+    `<root>/assets-v9.lock`; builds are atomic, so readers never see partial files.
     """
     root = Path(root).expanduser() if root is not None else cache_root()
     root = root.absolute()
