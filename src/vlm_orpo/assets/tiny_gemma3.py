@@ -93,26 +93,32 @@ CHAT_TEMPLATE = (
 )
 
 
-def _tokenizer():
-    """Byte-level BPE with Gemma's special tokens; BOS prepended like Gemma's (`add_special_tokens=True`)."""
+def gemma_tokenizer(special_tokens: list[str], chat_template: str, image: str, sot: str, eot: str, extra: dict):
+    """Byte-level BPE with a Gemma's special tokens, trained on chats in its turn format (`sot`/`eot` around each
+    turn, `image` as the processor expands an image); BOS prepended like Gemma's (`add_special_tokens=True`).
+    Gemma 3's and Gemma 4's tiny tokenizers (their special tokens differ, not their shape)."""
     from tokenizers import processors
 
     from vlm_orpo.assets.tiny_model import tokenizer_corpus, train_bpe, wrap_tokenizer
 
     lines = tokenizer_corpus()
-    image = f"\n\n{BOI}{IMAGE * MM_TOKENS_PER_IMAGE}{EOI}\n\n"
-    chat = [f"{BOS}{SOT}user\n{image}{q}{EOT}\n{SOT}model\n{a}{EOT}\n" for q, a in zip(lines[:40], lines[40:80])]
-    tok = train_bpe(SPECIAL_TOKENS, chat)
+    chat = [f"{BOS}{sot}user\n{image}{q}{eot}\n{sot}model\n{a}{eot}\n" for q, a in zip(lines[:40], lines[40:80])]
+    tok = train_bpe(special_tokens, chat)
     tok.post_processor = processors.TemplateProcessing(
         single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, tok.token_to_id(BOS))]
     )
     return wrap_tokenizer(
-        tok, CHAT_TEMPLATE, bos_token=BOS,
-        eos_token=EOT,  # the end of a model turn: what an answer ends with and generation stops at
+        tok, chat_template, bos_token=BOS,
+        eos_token=eot,  # the end of a model turn: what an answer ends with and generation stops at
         pad_token=PAD, unk_token=UNK,
-        extra_special_tokens={"boi_token": BOI, "eoi_token": EOI, "image_token": IMAGE, "sot_token": SOT,
-                              "eot_token": EOT},
+        extra_special_tokens={**extra, "sot_token": sot, "eot_token": eot},
     )
+
+
+def _tokenizer():
+    image = f"\n\n{BOI}{IMAGE * MM_TOKENS_PER_IMAGE}{EOI}\n\n"
+    return gemma_tokenizer(SPECIAL_TOKENS, CHAT_TEMPLATE, image, SOT, EOT,
+                           {"boi_token": BOI, "eoi_token": EOI, "image_token": IMAGE})
 
 
 def _processor(hf_tok):

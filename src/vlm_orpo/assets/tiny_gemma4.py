@@ -39,6 +39,7 @@ import json
 from pathlib import Path
 
 from vlm_orpo.assets.atomic import atomic_dir
+from vlm_orpo.assets.tiny_gemma3 import BOS, EOS, PAD, UNK, gemma_tokenizer
 from vlm_orpo.assets.tiny_model import TEXT_INIT, VISION_INIT, redraw_matrices
 
 __all__ = ["CHAT_TEMPLATE", "LAYER_TYPES", "SPECIAL_TOKENS", "SLIDING_WINDOW", "MM_TOKENS_PER_IMAGE", "build_gemma4"]
@@ -57,7 +58,7 @@ PER_LAYER_INPUT = 8
 # the norms' scales at one. Its q and k norm scales start at 4 ** -0.25 each, so the scores are q.k / 2 (see above)
 QK_NORM_SCALE = 4 ** -0.25
 
-PAD, EOS, BOS, UNK = "<pad>", "<eos>", "<bos>", "<unk>"  # ids 0..3, as in Gemma's own vocabulary
+# PAD, EOS, BOS, UNK: as Gemma 3's (ids 0..3, as in Gemma's own vocabulary)
 SOT, EOT = "<|turn>", "<turn|>"
 BOI, IMAGE, EOI = "<|image>", "<|image|>", "<image|>"
 BOA, AUDIO, EOA = "<|audio>", "<|audio|>", "<audio|>"  # no audio tower; Gemma4Processor needs the tokens named
@@ -91,25 +92,9 @@ CHAT_TEMPLATE = (
 
 
 def _tokenizer():
-    """Byte-level BPE with Gemma 4's special tokens; BOS prepended like Gemma's (`add_special_tokens=True`)."""
-    from tokenizers import processors
-
-    from vlm_orpo.assets.tiny_model import tokenizer_corpus, train_bpe, wrap_tokenizer
-
-    lines = tokenizer_corpus()
-    image = f"{BOI}{IMAGE * MM_TOKENS_PER_IMAGE}{EOI}"
-    chat = [f"{BOS}{SOT}user\n{image}{q}{EOT}\n{SOT}model\n{a}{EOT}\n" for q, a in zip(lines[:40], lines[40:80])]
-    tok = train_bpe(SPECIAL_TOKENS, chat)
-    tok.post_processor = processors.TemplateProcessing(
-        single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, tok.token_to_id(BOS))]
-    )
-    return wrap_tokenizer(
-        tok, CHAT_TEMPLATE, bos_token=BOS,
-        eos_token=EOT,  # the end of a model turn: what an answer ends with and generation stops at
-        pad_token=PAD, unk_token=UNK,
-        extra_special_tokens={"boi_token": BOI, "eoi_token": EOI, "image_token": IMAGE, "boa_token": BOA,
-                              "eoa_token": EOA, "audio_token": AUDIO, "sot_token": SOT, "eot_token": EOT},
-    )
+    return gemma_tokenizer(SPECIAL_TOKENS, CHAT_TEMPLATE, f"{BOI}{IMAGE * MM_TOKENS_PER_IMAGE}{EOI}", SOT, EOT,
+                           {"boi_token": BOI, "eoi_token": EOI, "image_token": IMAGE, "boa_token": BOA,
+                            "eoa_token": EOA, "audio_token": AUDIO})
 
 
 def _processor(hf_tok):
