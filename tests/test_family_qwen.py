@@ -235,6 +235,18 @@ def test_one_dimensional_positions_are_not_the_plain_forward(tiny):
     assert rel_err(wrong.chosen, plain.chosen) > 1e-3
 
 
+def packed_forward_with_hook(tiny: Tiny, model, hook) -> dict:
+    """One packed forward of the tiny pairs in one row, `hook` (already registered on `model`) removed after it;
+    the batch."""
+    batch = PackedCollator(tiny.pad_id, tiny.image_id, max_tokens_per_row=4000)(tiny.pairs)
+    try:
+        with torch.no_grad():
+            packed_logps(model, batch)
+    finally:
+        hook.remove()
+    return batch
+
+
 def test_qwen3_deepstack_features_reach_the_image_tokens(asset_cache):
     """Qwen3-VL adds its deepstack features to the image tokens' hidden states after the first decoder layers; in
     the packed row they must land on each pair's own image tokens (the equivalence tests prove the values; this
@@ -245,12 +257,7 @@ def test_qwen3_deepstack_features_reach_the_image_tokens(asset_cache):
     seen = []
     hook = model.model.language_model.register_forward_pre_hook(
         lambda module, args, kwargs: seen.append(kwargs.get("visual_pos_masks")), with_kwargs=True)
-    batch = PackedCollator(tiny.pad_id, tiny.image_id, max_tokens_per_row=4000)(tiny.pairs)
-    try:
-        with torch.no_grad():
-            packed_logps(model, batch)
-    finally:
-        hook.remove()
+    batch = packed_forward_with_hook(tiny, model, hook)
     assert torch.equal(seen[0], batch["input_ids"] == tiny.image_id)
 
 
@@ -264,14 +271,8 @@ def test_qwen3_moe_routes_each_token_to_its_experts(asset_cache):
     routed = []
     sparse = [layer.mlp for layer in model.model.language_model.layers if hasattr(layer.mlp, "experts")]
     assert len(sparse) == 1  # the first layer is dense (tiny_qwen: LoRA adapts its MLP)
-    hook = sparse[0].gate.register_forward_hook(
-        lambda module, args, output: routed.append(output[2]))
-    batch = PackedCollator(tiny.pad_id, tiny.image_id, max_tokens_per_row=4000)(tiny.pairs)
-    try:
-        with torch.no_grad():
-            packed_logps(model, batch)
-    finally:
-        hook.remove()
+    hook = sparse[0].gate.register_forward_hook(lambda module, args, output: routed.append(output[2]))
+    batch = packed_forward_with_hook(tiny, model, hook)
     experts = routed[0]
     assert experts.shape == (batch["input_ids"].numel(), text.num_experts_per_tok)
     assert set(experts.unique().tolist()) == set(range(text.num_experts))
