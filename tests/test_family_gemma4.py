@@ -7,8 +7,9 @@ The packed masks are the model's own for each pair's [prompt, chosen] and [promp
 (log-probs, loss, every LoRA gradient) with a pair per row, padded rows and one row, with and without gradient
 checkpointing, at the builder's window (24, cutting into the image block), and at a window of 8 (only the
 question's end) in one row. Dropping either rule (the window in row indices instead of restarted positions, or no
-image blocks) makes packed differ from plain, so the equivalence tests see both; giving the image blocks to the
-full layers too (Gemma 3's rule) makes it differ as well. Only sdpa is exact: auto picks it, pairs and flex are
+image blocks) makes packed differ from plain, so the equivalence tests see both. That the full layers stay causal
+over the image is checked on the masks only: in this tiny model no answer can tell (giving the full layers image
+blocks changes no log-prob, as the last layer reuses the second's keys and values). Only sdpa is exact: auto picks it, pairs and flex are
 one-line errors, and so is use_bidirectional_attention "all"."""
 
 from __future__ import annotations
