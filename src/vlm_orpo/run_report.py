@@ -26,6 +26,10 @@ CONFIG = "config.yaml"
 EVAL_FILES = ("results.md", "generations.html")  # a folder of the run holding one of these is evaluate's --out
 
 POLICY = """<meta http-equiv="Content-Security-Policy" content="default-src 'none'; img-src data:; style-src 'unsafe-inline'">"""
+# an attribute that loads a URL, up to its value, where the value is not a data: URL
+_NOT_DATA_URL = re.compile(
+    r"""(\s(?:src|srcset|href|xlink:href|poster|background|action|formaction|data|cite)\s*=\s*)(?!["']?\s*data:)(["']?)""",
+    re.IGNORECASE)
 PAGE = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8">
 {policy}
@@ -153,9 +157,11 @@ def _evaluation(folder: Path) -> str:
     if (folder / "results.png").is_file():
         parts.append(_img(folder / "results.png"))
     if (folder / "generations.html").is_file():
-        # the frame's document carries the policy from its first byte, not only by inheritance from this page
-        # (a test once saw Chromium attempt the frame's remote image under load)
-        page = POLICY + _read(folder / "generations.html")
+        # the frame's document carries the policy from its first byte, not only by inheritance from this page; and
+        # every URL in it that is not data: is made one before the frame parses it, as the policy would refuse it
+        # anyway: Chromium sometimes starts fetching a frame's image before its meta policy applies (about one
+        # test run in four saw a remote and a relative image attempted)
+        page = POLICY + _NOT_DATA_URL.sub(r"\1\2data:,", _read(folder / "generations.html"))
         parts.append(f"<h3>Greedy generations, side by side</h3><iframe sandbox title='generations' "
                      f"srcdoc=\"{html.escape(page, quote=True)}\"></iframe>")
     return "\n".join(parts) or _note(f"nothing of evaluate's in {folder}")
